@@ -1,0 +1,186 @@
+"""The ``wgen`` command line: parse, call one library function, render the result with rich."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import __version__
+from .errors import WgenError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+                  help="Generate ensembles of ready-to-use timm networks from a zoo of checkpoints.")
+console = Console()
+err_console = Console(stderr=True)
+
+DeviceOption = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N (auto = cuda if available)")]
+ArchOption = Annotated[Optional[str], typer.Option("--arch", "-a", help="timm architecture of flat checkpoint files")]
+ModelArgsOption = Annotated[Optional[str], typer.Option("--model-args", help='timm model args as JSON, e.g. \'{"in_chans": 1}\'')]
+JsonOption = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
+SkipBadOption = Annotated[bool, typer.Option("--skip-bad", help="drop unreadable or mismatching members with a warning")]
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a WgenError into one red line plus its hint, and exit status 2."""
+    try:
+        yield
+    except WgenError as exc:
+        err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
+        if exc.hint:
+            err_console.print(f"[dim]hint: {exc.hint}[/]", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"wgen {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="print the version and exit")] = False) -> None:
+    """wgen: zoo -> canonicalize -> train -> sample -> eval."""
+
+
+@app.command()
+def zoo(
+    arch: Annotated[str, typer.Option("--arch", "-a", help="timm architecture, e.g. test_resnet")],
+    data: Annotated[str, typer.Option("--data", "-d", help="digits | imagefolder:PATH | cifar10:PATH | cifar100:PATH | npz:PATH")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder (re-run to resume)")],
+    count: Annotated[int, typer.Option("--count", "-n", help="number of members")] = 8,
+    model_args: ModelArgsOption = None,
+    img_size: Annotated[Optional[int], typer.Option(help="input size for size-flexible models (default: 32 for digits/CIFAR)")] = None,
+    seed_start: Annotated[int, typer.Option(help="member i is trained from seed SEED_START + i")] = 0,
+    split_seed: Annotated[int, typer.Option(help="seed of the train/val/test split")] = 0,
+    epochs: Annotated[int, typer.Option(help="training epochs per member")] = 20,
+    lr: Annotated[float, typer.Option(help="peak learning rate")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="training batch size")] = 64,
+    optimizer: Annotated[str, typer.Option(help="adamw | sgd | adam")] = "adamw",
+    weight_decay: Annotated[float, typer.Option(help="weight decay (not applied to norms and biases)")] = 0.05,
+    warmup_epochs: Annotated[float, typer.Option(help="linear warm-up before the cosine decay")] = 1.0,
+    label_smoothing: Annotated[float, typer.Option(help="label smoothing of the loss")] = 0.0,
+    init: Annotated[Optional[Path], typer.Option(help="fine-tune every member from this checkpoint")] = None,
+    shard: Annotated[Optional[str], typer.Option(help="I/N: train members I, I+N, ... only")] = None,
+    device: DeviceOption = "auto",
+    force: Annotated[bool, typer.Option(help="replace an existing output made with other settings")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Train a zoo of N members of one timm architecture (only if you have none)."""
+    from .checkpoints import parse_model_args
+    from .data import SplitSpec
+    from .runtime import resolve_device
+    from .zoo import Recipe, plan_zoo, train_zoo, parse_shard
+
+    with user_errors():
+        recipe = Recipe(arch, data, parse_model_args(model_args), img_size, SplitSpec(split_seed), seed_start,
+                        epochs, lr, batch_size, optimizer, weight_decay, warmup_epochs, label_smoothing,
+                        str(init) if init else None)
+        shard_spec = parse_shard(shard)
+        torch_device = resolve_device(device)
+        plan = plan_zoo(recipe)
+        with _ZooBar(quiet=as_json) as bar:
+            records = train_zoo(plan, out, count, torch_device, shard_spec, force, bar)
+    rows = [{"member": r.name, "seed": r.seed, "val_acc": r.val_accuracy, "test_acc": r.test_accuracy,
+             "seconds": r.train_seconds, "resumed": r.resumed} for r in records]
+    if as_json:
+        print(json.dumps({"out": str(out), "members": rows}, indent=2))
+        return
+    table = Table(title=f"zoo {out}  ({arch} on {data}, device {torch_device})")
+    for column in ("member", "seed", "val acc", "test acc", "seconds", ""):
+        table.add_column(column, justify="right" if column not in ("member", "") else "left")
+    for r in rows:
+        table.add_row(r["member"], str(r["seed"]), _pct(r["val_acc"]), _pct(r["test_acc"]),
+                      f"{r['seconds']:.1f}", "resumed" if r["resumed"] else "")
+    console.print(table)
+
+
+class _ZooBar:
+    """Rich progress for ``wgen zoo``: one bar over members, one over the current member's epochs."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+                                 console=err_console, disable=quiet)
+        self.overall: Any = None
+        self.member: Any = None
+
+    def __enter__(self) -> _ZooBar:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def start(self, total: int, todo: int) -> None:
+        self.overall = self.progress.add_task("members", total=total, status=f"{total - todo} already done")
+
+    def member_start(self, name: str, seed: int, epochs: int) -> None:
+        if self.member is not None:
+            self.progress.remove_task(self.member)
+        self.member = self.progress.add_task(f"{name} (seed {seed})", total=epochs, status="")
+
+    def epoch_end(self, name: str, epoch: int, loss: float, val_accuracy: float) -> None:
+        self.progress.update(self.member, completed=epoch, status=f"loss {loss:.3f}  val {_pct(val_accuracy)}")
+
+    def member_end(self, record: Any) -> None:
+        self.progress.advance(self.overall)
+
+
+@app.command()
+def info(
+    path: Annotated[Path, typer.Argument(help="a zoo, canonical zoo, samples folder, member or checkpoint file")],
+    arch: ArchOption = None,
+    model_args: ModelArgsOption = None,
+    skip_bad: SkipBadOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Say what PATH is: kind, architecture, members, parameters, accuracies."""
+    from .checkpoints import parse_model_args
+    from .info import describe
+
+    with user_errors():
+        report = describe(path, arch, parse_model_args(model_args), skip_bad)
+    for message in report["skipped"]:
+        err_console.print(f"[yellow]skipped:[/] {message}", highlight=False, soft_wrap=True)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    table = Table(title=str(path), show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [("kind", report["kind"]), ("architecture", report["architecture"]),
+            ("num classes", str(report["num_classes"])), ("model args", json.dumps(report["model_args"])),
+            ("members", str(report["members"])), ("parameters", f"{report['parameters']:,}")]
+    for key in ("input_size", "data"):
+        if report.get(key) is not None:
+            rows.append((key.replace("_", " "), str(report[key])))
+    for key in ("val_accuracy", "test_accuracy"):
+        if key in report:
+            s = report[key]
+            rows.append((key.replace("_", " "), f"mean {_pct(s['mean'])}  min {_pct(s['min'])}  max {_pct(s['max'])}"))
+    if report["skipped"]:
+        rows.append(("skipped", str(len(report["skipped"]))))
+    rows.append(("fingerprint", report["fingerprint"][:16]))
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+
+
+def _pct(value: float) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{100 * value:.1f}%"
+
+
+def main() -> None:
+    """Entry point of the ``wgen`` console script."""
+    app()

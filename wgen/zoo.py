@@ -1,0 +1,364 @@
+"""Train a zoo: N members of one timm architecture from independent seeds (or fine-tuned from one).
+
+The output folder holds ``member-000/ ...`` in timm local-dir layout and ``zoo.json``. Each member
+is written atomically when it finishes, so re-running the same command resumes: finished members
+are kept and a member cut off mid-training is trained again. ``shard=(i, n)`` trains members
+i, i+n, ... so several processes can fill one folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .checkpoints import (CONFIG_NAME, WEIGHTS_NAME, ZOO_JSON, ModelSpec, StateDict, atomic_write_json,
+                          create_model, member_config, open_zoo, read_json, state_dict_fingerprint,
+                          write_member)
+from .data import DataSpec, SplitData, SplitSpec, dataset_default_size, load_data, parse_data_spec
+from .errors import WgenError
+from .evaluate import accuracy
+from .runtime import seed_everything
+
+OPTIMIZERS = ("adamw", "sgd", "adam")
+ZOO_FORMAT = "wgen.zoo/1"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides what a member of the zoo becomes (the device does not)."""
+
+    architecture: str
+    data: str
+    model_args: dict[str, Any] = field(default_factory=dict)
+    img_size: int | None = None
+    split: SplitSpec = SplitSpec()
+    seed_start: int = 0
+    epochs: int = 20
+    lr: float = 1e-3
+    batch_size: int = 64
+    optimizer: str = "adamw"
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0
+    init: str | None = None  # checkpoint every member is fine-tuned from
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the recipe as JSON (the split as its seed and fractions)."""
+        value = asdict(self)
+        value["split"] = self.split.to_json()
+        return value
+
+
+@dataclass
+class MemberRecord:
+    """What zoo.json says of one member."""
+
+    name: str
+    seed: int
+    val_accuracy: float
+    test_accuracy: float
+    train_seconds: float
+    resumed: bool = False
+
+
+class ZooProgress(Protocol):
+    """Receives training events; the CLI renders them, tests may record them."""
+
+    def start(self, total: int, todo: int) -> None: ...
+    def member_start(self, name: str, seed: int, epochs: int) -> None: ...
+    def epoch_end(self, name: str, epoch: int, loss: float, val_accuracy: float) -> None: ...
+    def member_end(self, record: MemberRecord) -> None: ...
+
+
+class SilentProgress:
+    """A ZooProgress that ignores every event."""
+
+    def start(self, total: int, todo: int) -> None: ...
+    def member_start(self, name: str, seed: int, epochs: int) -> None: ...
+    def epoch_end(self, name: str, epoch: int, loss: float, val_accuracy: float) -> None: ...
+    def member_end(self, record: MemberRecord) -> None: ...
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """Return ``(index, count)`` of a ``--shard I/N`` value (``(0, 1)`` for None)."""
+    if not text:
+        return 0, 1
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        index, count = -1, 0
+    if not 0 <= index < count:
+        raise WgenError(f"--shard {text!r} is not I/N with 0 <= I < N", "e.g. --shard 0/4 ... --shard 3/4")
+    return index, count
+
+
+def member_name(index: int) -> str:
+    """Return the folder name of member ``index``."""
+    return f"member-{index:03d}"
+
+
+def resolve_input_size(spec: ModelSpec, data: DataSpec, img_size: int | None) -> tuple[int, int, int]:
+    """Return the ``(C, H, W)`` a zoo of ``spec`` is trained at on ``data``.
+
+    ``img_size`` model arg, else the model's own size if it is fixed, else ``--img-size``, else the
+    dataset's natural size for flexible models (32 for digits and CIFAR), else the model's default.
+    """
+    model = spec.create("meta")
+    channels = int(spec.model_args.get("in_chans", 3))
+    default = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224))[-2:])
+    fixed = bool(model.pretrained_cfg.get("fixed_input_size", False))
+    if "img_size" in spec.model_args:
+        size = spec.model_args["img_size"]
+        hw = (size, size) if isinstance(size, int) else tuple(size)
+        if img_size is not None and (img_size, img_size) != hw:
+            raise WgenError(f"--img-size {img_size} contradicts img_size {size} in --model-args",
+                            "give the size once")
+        return channels, int(hw[0]), int(hw[1])
+    if fixed:
+        if img_size is not None and (img_size, img_size) != default:
+            raise WgenError(f"{spec.architecture} takes a fixed input size {default}, not --img-size {img_size}",
+                            f'set it in the model instead: --model-args \'{{"img_size": {img_size}}}\'')
+        return channels, int(default[0]), int(default[1])
+    if img_size is not None:
+        return channels, img_size, img_size
+    natural = dataset_default_size(data) or default
+    return channels, int(natural[0]), int(natural[1])
+
+
+@dataclass
+class ZooPlan:
+    """A validated zoo job: recipe, model spec, data and the optional init weights."""
+
+    recipe: Recipe
+    spec: ModelSpec
+    data: SplitData
+    init_state: StateDict | None
+    init_fingerprint: str | None
+
+    def header(self) -> dict[str, Any]:
+        """Return the zoo.json fields that do not depend on which members exist."""
+        return {"format": ZOO_FORMAT, "wgen_version": __version__, **self.spec.to_json(),
+                "input_size": list(self.data.input_size), "mean": list(self.data.mean),
+                "std": list(self.data.std), "data": str(self.data.spec), "split": self.data.record(),
+                "recipe": self.recipe.to_json(), "init_fingerprint": self.init_fingerprint}
+
+
+def plan_zoo(recipe: Recipe) -> ZooPlan:
+    """Return the plan of ``recipe`` after checking every input; nothing is written."""
+    if recipe.optimizer not in OPTIMIZERS:
+        raise WgenError(f"unknown optimizer {recipe.optimizer!r}", f"use one of {', '.join(OPTIMIZERS)}")
+    if recipe.epochs < 1 or recipe.batch_size < 2 or recipe.lr <= 0:
+        raise WgenError("epochs must be >= 1, batch size >= 2 and lr > 0", "check the training options")
+    data_spec = parse_data_spec(recipe.data)
+    args = dict(recipe.model_args)
+    if "num_classes" in args:
+        raise WgenError("num_classes comes from the dataset, not --model-args", "drop it from --model-args")
+    create_model(recipe.architecture, None, args, "meta")  # fail early on a bad name or args
+    probe = ModelSpec(recipe.architecture, 1, args)
+    input_size = resolve_input_size(probe, data_spec, recipe.img_size)
+    data = load_data(data_spec, input_size, recipe.split)
+    spec = ModelSpec(recipe.architecture, data.num_classes, args)
+    init_state = init_fingerprint = None
+    if recipe.init:
+        init_state = _read_init(recipe.init, spec)
+        init_fingerprint = state_dict_fingerprint(init_state)
+    return ZooPlan(recipe, spec, data, init_state, init_fingerprint)
+
+
+def _read_init(path: str, spec: ModelSpec) -> StateDict:
+    init = open_zoo(path, arch=spec.architecture, model_args=spec.model_args)
+    if len(init.members) != 1:
+        raise WgenError(f"--init {path} holds {len(init.members)} checkpoints, not one",
+                        "point --init at one member folder or file")
+    if init.spec.architecture != spec.architecture:
+        raise WgenError(f"--init {path} is a {init.spec.architecture}, not a {spec.architecture}",
+                        "use -a with the checkpoint's architecture")
+    state = init.load(init.members[0])
+    target = spec.reference()
+    kept = {k: v for k, v in state.items() if k in target and tuple(v.shape) == target[k][0]}
+    dropped = sorted(set(target) - set(kept))
+    head = create_model(spec.architecture, spec.num_classes, spec.model_args, "meta").pretrained_cfg.get("classifier")
+    heads = (head,) if isinstance(head, str) else tuple(head or ())
+    if any(not k.startswith(tuple(f"{h}." for h in heads)) for k in dropped):
+        bad = next(k for k in dropped if not k.startswith(tuple(f"{h}." for h in heads)))
+        raise WgenError(f"--init {path}: {bad!r} does not fit {spec.architecture} with {spec.model_args}",
+                        "use the checkpoint's own --model-args")
+    return kept  # a classifier of another class count is left out and trained afresh
+
+
+def train_zoo(plan: ZooPlan, out: Path, count: int, device: torch.device, shard: tuple[int, int] = (0, 1),
+              force: bool = False, progress: ZooProgress | None = None) -> list[MemberRecord]:
+    """Train the members of ``shard`` among ``count`` into ``out``; return the records of this shard.
+
+    Members already in ``out`` from the same recipe are kept (resume). An ``out`` made with another
+    recipe, or holding other files, is refused unless ``force``, which empties it first.
+    """
+    progress = progress or SilentProgress()
+    if count < 1:
+        raise WgenError(f"-n {count}: a zoo needs at least one member", "use -n 1 or more")
+    header = plan.header()
+    _prepare_output(out, header, force)
+    mine = list(range(shard[0], count, shard[1]))
+    done = {i for i in mine if _finished_member(out / member_name(i), plan.recipe.seed_start + i)}
+    progress.start(len(mine), len(mine) - len(done))
+    records = []
+    with _zoo_lock(out):
+        _refresh_zoo_json(out, header)
+    for index in mine:
+        name, seed = member_name(index), plan.recipe.seed_start + index
+        if index in done:
+            record = _record_from_config(read_json(out / name / CONFIG_NAME), name, resumed=True)
+        else:
+            for stale in out.glob(f".{name}.tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            progress.member_start(name, seed, plan.recipe.epochs)
+            state, record = train_member(plan, name, seed, device, progress)
+            config = member_config(plan.spec, plan.data.input_size, plan.data.mean, plan.data.std,
+                                   {"kind": "zoo-member", "seed": seed, "data": str(plan.data.spec),
+                                    "val_accuracy": record.val_accuracy, "test_accuracy": record.test_accuracy,
+                                    "train_seconds": record.train_seconds})
+            write_member(out / name, state, config)
+            with _zoo_lock(out):
+                _refresh_zoo_json(out, header)
+        progress.member_end(record)
+        records.append(record)
+    return records
+
+
+def train_member(plan: ZooPlan, name: str, seed: int, device: torch.device,
+                 progress: ZooProgress | None = None) -> tuple[StateDict, MemberRecord]:
+    """Train one member from ``seed``; return its final CPU state dict and its record."""
+    progress = progress or SilentProgress()
+    recipe, data = plan.recipe, plan.data
+    started = time.perf_counter()
+    generator = seed_everything(seed)
+    model = plan.spec.create("cpu")
+    if plan.init_state is not None:
+        model.load_state_dict(plan.init_state, strict=False)
+    model.to(device)
+    optimizer = _optimizer(model, recipe)
+    steps_per_epoch = max(1, len(data.indices["train"]) // recipe.batch_size)
+    schedule = _warmup_cosine(optimizer, recipe.warmup_epochs * steps_per_epoch, recipe.epochs * steps_per_epoch)
+    val_acc = float("nan")
+    for epoch in range(recipe.epochs):
+        model.train()
+        total_loss, batches = 0.0, 0
+        for x, y in data.batches("train", recipe.batch_size, generator):
+            if len(y) < 2:  # BatchNorm cannot train on a single example
+                continue
+            logits = model(x.to(device, non_blocking=True))
+            loss = F.cross_entropy(logits, y.to(device), label_smoothing=recipe.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total_loss += float(loss.detach())
+            batches += 1
+        if not math.isfinite(total_loss):
+            raise WgenError(f"{name}: training diverged (loss {total_loss}) at epoch {epoch + 1}",
+                            "lower --lr or raise --warmup-epochs")
+        val_acc = accuracy(model, data, "val", device) if len(data.indices["val"]) else float("nan")
+        progress.epoch_end(name, epoch + 1, total_loss / max(batches, 1), val_acc)
+    test_acc = accuracy(model, data, "test", device)
+    state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+    record = MemberRecord(name, seed, val_acc, test_acc, round(time.perf_counter() - started, 3))
+    return state, record
+
+
+def _optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    # Norm weights and biases are not decayed, as in timm's own training script.
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        (no_decay if param.ndim <= 1 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": recipe.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=recipe.lr, momentum=0.9, nesterov=True)
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=recipe.lr)
+    return torch.optim.AdamW(groups, lr=recipe.lr)
+
+
+def _warmup_cosine(optimizer: torch.optim.Optimizer, warmup: float, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1.0, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _prepare_output(out: Path, header: dict[str, Any], force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise WgenError(f"{out}: exists and is not a folder", "choose another -o")
+    zoo_json = out / ZOO_JSON
+    if out.is_dir() and any(out.iterdir()):
+        if force:
+            shutil.rmtree(out)
+        elif not zoo_json.is_file():
+            raise WgenError(f"{out}: exists and is not a wgen zoo", "choose another -o, or pass --force to replace it")
+        else:
+            existing = read_json(zoo_json)
+            differing = _differences(existing, header)
+            if differing:
+                raise WgenError(f"{out}: holds a zoo made with other settings ({differing[0]})",
+                                "re-run with the same settings to resume, choose another -o, or pass --force")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _differences(existing: dict[str, Any], header: dict[str, Any]) -> list[str]:
+    keys = ("architecture", "num_classes", "model_args", "input_size", "data", "init_fingerprint")
+    out = [f"{k}: {existing.get(k)!r} vs {header[k]!r}" for k in keys if existing.get(k) != header[k]]
+    old, new = existing.get("recipe", {}), header["recipe"]
+    out += [f"{k}: {old.get(k)!r} vs {new[k]!r}" for k in new if k != "init" and old.get(k) != new[k]]
+    if existing.get("split", {}).get("test_sha256") != header["split"]["test_sha256"]:
+        out.append("the data split differs")
+    return out
+
+
+def _finished_member(folder: Path, seed: int) -> bool:
+    if not (folder / WEIGHTS_NAME).is_file() or not (folder / CONFIG_NAME).is_file():
+        return False
+    return read_json(folder / CONFIG_NAME).get("wgen", {}).get("seed") == seed
+
+
+def _record_from_config(config: dict[str, Any], name: str, resumed: bool = False) -> MemberRecord:
+    block = config.get("wgen", {})
+    return MemberRecord(name, int(block.get("seed", -1)), float(block.get("val_accuracy", float("nan"))),
+                        float(block.get("test_accuracy", float("nan"))), float(block.get("train_seconds", 0.0)),
+                        resumed)
+
+
+def _refresh_zoo_json(out: Path, header: dict[str, Any]) -> None:
+    members = []
+    for folder in sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if (folder / WEIGHTS_NAME).is_file() and (folder / CONFIG_NAME).is_file():
+            record = _record_from_config(read_json(folder / CONFIG_NAME), folder.name)
+            members.append({k: v for k, v in asdict(record).items() if k != "resumed"})
+    atomic_write_json(out / ZOO_JSON, {**header, "members": members})
+
+
+@contextlib.contextmanager
+def _zoo_lock(out: Path) -> Iterator[None]:
+    """Serialise zoo.json rewrites between shards writing into one folder."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: shards there must not share a folder at the same moment
+        yield
+        return
+    with open(out / ".zoo.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
