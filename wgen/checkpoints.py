@@ -130,6 +130,20 @@ class Zoo:
         """Return the state dict of ``member``, normalised like every member of this zoo."""
         return normalize_state_dict(load_state_dict_file(member.weights), self.spec.reference(), member.weights)
 
+    def preprocessing(self) -> tuple[tuple[int, int, int], tuple[float, ...], tuple[float, ...]]:
+        """Return ``(input_size, mean, std)`` from zoo.json, else the first member's config, else timm's."""
+        if "input_size" in self.info:
+            source = self.info
+        else:
+            source = next((m.config.get("pretrained_cfg", {}) for m in self.members if m.config), {})
+        if "input_size" not in source:
+            source = self.spec.create("meta").pretrained_cfg
+        size = tuple(int(v) for v in source["input_size"])
+        channels = int(self.spec.model_args.get("in_chans", size[0]))
+        mean = tuple(source.get("mean", (0.5,) * channels))
+        std = tuple(source.get("std", (0.5,) * channels))
+        return (channels, size[1], size[2]), mean, std
+
 
 def read_json(path: Path) -> dict[str, Any]:
     """Return the JSON object stored at ``path``."""

@@ -177,6 +177,85 @@ def info(
     console.print(table)
 
 
+@app.command()
+def canonicalize(
+    zoo_path: Annotated[Path, typer.Argument(metavar="ZOO", help="zoo folder (or checkpoint folder with --arch)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder for the canonical zoo")],
+    method: Annotated[str, typer.Option(help="weight-matching | none (copy members through)")] = "weight-matching",
+    template: Annotated[str, typer.Option(help="first | INDEX | barycenter (MergeMany)")] = "first",
+    restarts: Annotated[int, typer.Option(help="random restarts per member; the best objective is kept")] = 1,
+    data: Annotated[Optional[str], typer.Option("--data", "-d", help="also measure the interpolation barrier on this data")] = None,
+    barrier_pairs: Annotated[int, typer.Option(help="member pairs for the barrier")] = 3,
+    seed: Annotated[int, typer.Option(help="seed of restarts, member order and barrier pairs")] = 0,
+    arch: ArchOption = None,
+    model_args: ModelArgsOption = None,
+    skip_bad: SkipBadOption = False,
+    device: DeviceOption = "auto",
+    force: Annotated[bool, typer.Option(help="replace an existing output")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Permutation-align a zoo to one template; every member is verified to compute the same function."""
+    from .checkpoints import open_zoo, parse_model_args
+    from .permute.canonicalize import CanonOptions
+    from .permute.canonicalize import canonicalize as run
+    from .runtime import resolve_device
+
+    with user_errors():
+        torch_device = resolve_device(device)
+        zoo_obj = open_zoo(zoo_path, arch, parse_model_args(model_args), skip_bad)
+        for message in zoo_obj.skipped:
+            err_console.print(f"[yellow]skipped:[/] {message}", highlight=False, soft_wrap=True)
+        options = CanonOptions(method, template, restarts, seed, data, barrier_pairs)
+        with _StageBar(quiet=as_json) as bar:
+            report = run(zoo_obj, out, options, torch_device, force, bar)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    groups = report["groups"]
+    console.print(f"[bold]{report['architecture']}[/]: {groups['groups']} permutation groups "
+                  f"({groups['units']} units), {groups['head_groups']} attention modules "
+                  f"({groups['heads']} heads); template {report['template']}, device {report['device']}")
+    table = Table(title=f"canonical zoo {out}")
+    for column in ("member", "L2 to template before", "after", "max |diff| / scale"):
+        table.add_column(column, justify="left" if column == "member" else "right")
+    for m in report["members"]:
+        table.add_row(m["name"], f"{m['l2_to_template_before']:.3f}", f"{m['l2_to_template_after']:.3f}",
+                      f"{m['max_rel_diff']:.1e}")
+    console.print(table)
+    console.print(f"mean pairwise L2: {report['mean_pairwise_l2_before']:.3f} -> {report['mean_pairwise_l2_after']:.3f} "
+                  f"({100 * report['pairwise_reduction']:.1f}% lower)")
+    if report["barrier"] and report["barrier"].get("before"):
+        b = report["barrier"]
+        console.print(f"loss barrier ({len(b['pairs'])} pairs, test split): {b['before']['mean_loss_barrier']:.3f} -> "
+                      f"{b['after']['mean_loss_barrier']:.3f}; accuracy drop {_pct(b['before']['mean_accuracy_drop'])} -> "
+                      f"{_pct(b['after']['mean_accuracy_drop'])}")
+    console.print("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report["timings"].items()))
+
+
+class _StageBar:
+    """Rich progress for multi-stage commands: one bar per stage."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=err_console, disable=quiet)
+        self.task: Any = None
+
+    def __enter__(self) -> _StageBar:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def stage(self, name: str, total: int) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, completed=self.progress.tasks[-1].total)
+        self.task = self.progress.add_task(name, total=total)
+
+    def advance(self) -> None:
+        self.progress.advance(self.task)
+
+
 def _pct(value: float) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{100 * value:.1f}%"
 

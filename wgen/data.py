@@ -312,3 +312,20 @@ def _adapt_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     if x.shape[1] == 1:
         return x.expand(-1, channels, -1, -1)
     return x.mean(dim=1, keepdim=True)
+
+
+def data_for_zoo(info: dict[str, Any], spec: str | None, input_size: tuple[int, int, int]) -> SplitData:
+    """Return the data a zoo was trained on (its recorded split), or ``spec`` if given.
+
+    A ``spec`` equal to the zoo's own is dealt with the recorded split and checked against its test
+    digest; another dataset is dealt with the default split.
+    """
+    recorded = info.get("data")
+    if spec is None and recorded is None:
+        raise WgenError("the zoo records no dataset", "pass --data SPEC")
+    chosen = parse_data_spec(spec if spec is not None else recorded)
+    if recorded is not None and str(chosen) == str(parse_data_spec(recorded)) and "split" in info:
+        data = load_data(chosen, input_size, SplitSpec.from_json(info["split"]))
+        data.check_record(info["split"])
+        return data
+    return load_data(chosen, input_size, SplitSpec())

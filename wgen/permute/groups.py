@@ -534,8 +534,6 @@ class _Deriver:
         if multi and ((is_method and name in ("unbind", "chunk", "split", "tensor_split"))
                       or (not is_method and target in (torch.unbind, torch.chunk, torch.split))):
             return self._split(node, name)
-        if multi:
-            raise self.fail(node, f"{name}(), which returns several tensors")
         raise self.fail(node, f"{name}()")
 
     def _broadcast(self, node: torch.fx.Node, args: list[torch.fx.Node]) -> None:
