@@ -242,3 +242,21 @@ def test_flat_files_canonicalize_with_arch(tmp_path: Path, run_cli) -> None:
     assert result.exit_code == 0, result.output
     zoo = open_zoo(tmp_path.parent / "canon-flat")
     assert [m.name for m in zoo.members] == ["ckpt0", "ckpt1"]
+
+
+@pytest.mark.slow
+def test_member_processes_give_the_same_alignment(tmp_path: Path, monkeypatch) -> None:
+    import wgen.permute.canonicalize as canon
+
+    root = tmp_path / "zoo"
+    for i in range(5):
+        write_test_member(root / f"m{i}", seed=i)
+    zoo = open_zoo(root)
+    serial = canon.canonicalize(zoo, tmp_path / "serial", canon.CanonOptions(), torch.device("cpu"))
+    monkeypatch.setattr(canon, "PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(canon.os, "cpu_count", lambda: 2)
+    parallel = canon.canonicalize(zoo, tmp_path / "parallel", canon.CanonOptions(), torch.device("cpu"))
+    assert parallel["mean_pairwise_l2_after"] == serial["mean_pairwise_l2_after"]
+    for i in range(5):
+        a, b = _weights(tmp_path / "serial" / f"m{i}"), _weights(tmp_path / "parallel" / f"m{i}")
+        assert all(torch.equal(a[k], b[k]) for k in a)

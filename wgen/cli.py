@@ -232,6 +232,147 @@ def canonicalize(
     console.print("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report["timings"].items()))
 
 
+@app.command()
+def train(
+    zoo_path: Annotated[Path, typer.Argument(metavar="ZOO", help="canonical zoo (or any zoo)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder for the generator")],
+    space: Annotated[str, typer.Option(help="auto | full | pca (auto: full up to 50,000 values, else pca)")] = "auto",
+    components: Annotated[Optional[int], typer.Option(help="PCA components (default: training members - 1)")] = None,
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = 2000,
+    batch_size: Annotated[int, typer.Option(help="flow-matching batch size")] = 128,
+    lr: Annotated[float, typer.Option(help="peak learning rate (AdamW, warm-up then cosine)")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = 0.0,
+    warmup_steps: Annotated[int, typer.Option(help="linear warm-up steps")] = 200,
+    grad_clip: Annotated[float, typer.Option(help="gradient norm clip")] = 1.0,
+    ema_decay: Annotated[float, typer.Option(help="EMA decay of the weights that are saved")] = 0.999,
+    time_sampling: Annotated[str, typer.Option(help="uniform | logit-normal")] = "logit-normal",
+    ot: Annotated[bool, typer.Option("--ot/--no-ot", help="minibatch optimal-transport coupling")] = True,
+    holdout: Annotated[float, typer.Option(help="fraction of members kept out of training")] = 0.1,
+    width: Annotated[int, typer.Option(help="velocity MLP width")] = 256,
+    depth: Annotated[int, typer.Option(help="velocity MLP residual blocks")] = 3,
+    checkpoint_every: Annotated[int, typer.Option(help="write a resumable checkpoint every K steps")] = 500,
+    seed: Annotated[int, typer.Option(help="seed of init, noise, times and holdout")] = 0,
+    resume: Annotated[bool, typer.Option(help="continue from OUT/checkpoint")] = False,
+    arch: ArchOption = None,
+    model_args: ModelArgsOption = None,
+    skip_bad: SkipBadOption = False,
+    device: DeviceOption = "auto",
+    force: Annotated[bool, typer.Option(help="replace an existing output")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Fit a flow-matching generator in weight space (GPU if present; torchrun for several)."""
+    from .checkpoints import open_zoo, parse_model_args
+    from .flow.nets import NetConfig
+    from .flow.train import TrainConfig, train_generator
+    from .runtime import resolve_device
+
+    with user_errors():
+        torch_device = resolve_device(device)
+        config = TrainConfig(space, components, steps, batch_size, lr, weight_decay, warmup_steps, grad_clip,
+                             ema_decay, time_sampling, ot, holdout, seed, checkpoint_every,
+                             NetConfig(width=width, depth=depth))
+        zoo_obj = open_zoo(zoo_path, arch, parse_model_args(model_args), skip_bad)
+        with _TrainBar(quiet=as_json) as bar:
+            result = train_generator(zoo_obj, out, config, torch_device, resume, force, bar)
+    if not result:  # a non-zero rank of a torchrun job
+        return
+    if as_json:
+        print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
+        return
+    t = result["training"]
+    console.print(f"generator {out}: {result['architecture']}, {result['space']['kind']} space of "
+                  f"{result['space']['dim']} dims ({result['space']['values']:,} weights), velocity net "
+                  f"{result['net_parameters']:,} parameters; {len(result['members']['train'])} training, "
+                  f"{len(result['members']['holdout'])} held-out members")
+    val = t["final_val_loss"]
+    console.print(f"{t['steps']} steps in {t['seconds']:.1f}s on {t['device']}: loss {t['final_loss']:.4f}"
+                  + (f", held-out loss {val:.4f}" if val is not None else ""))
+
+
+class _TrainBar:
+    """Rich progress for ``wgen train``: steps, loss, held-out loss."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+                                 console=err_console, disable=quiet)
+        self.task: Any = None
+
+    def __enter__(self) -> _TrainBar:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def start(self, total: int, done: int, info: dict[str, Any]) -> None:
+        err_console.print(f"{info['space']} space, {info['dim']} dims; velocity net {info['net_parameters']:,} "
+                          f"parameters; {info['train_members']} training / {info['holdout_members']} held-out "
+                          f"members; {info['device']}" + (f" x{info['world_size']}" if info["world_size"] > 1 else ""))
+        self.task = self.progress.add_task("train", total=total, completed=done, status="")
+
+    def update(self, step: int, loss: float, val_loss: float | None, lr: float) -> None:
+        status = f"loss {loss:.4f}" + (f"  held-out {val_loss:.4f}" if val_loss is not None else "")
+        self.progress.update(self.task, completed=step, status=status)
+
+
+@app.command()
+def sample(
+    generator_path: Annotated[Path, typer.Argument(metavar="GEN", help="generator folder from wgen train")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder for the samples")],
+    count: Annotated[int, typer.Option("--count", "-n", help="number of samples")] = 100,
+    solver: Annotated[str, typer.Option(help="euler | midpoint | rk4 (fixed steps) | dopri5 (adaptive)")] = "midpoint",
+    steps: Annotated[int, typer.Option(help="integration steps of fixed-step solvers")] = 20,
+    batch_size: Annotated[int, typer.Option(help="samples integrated together")] = 50,
+    seed: Annotated[int, typer.Option(help="sample i starts from noise seeded SEED * 1e6 + i")] = 0,
+    calibrate: Annotated[Optional[str], typer.Option(help="re-estimate BatchNorm statistics on this data's train split")] = None,
+    device: DeviceOption = "auto",
+    force: Annotated[bool, typer.Option(help="replace an existing output")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Sample N new checkpoints (timm local-dir folders + manifest.json); re-run to resume."""
+    from .flow.sample import SampleOptions, load_generator
+    from .flow.sample import sample as run
+    from .runtime import resolve_device
+
+    with user_errors():
+        torch_device = resolve_device(device)
+        generator = load_generator(generator_path, torch_device)
+        options = SampleOptions(count, solver, steps, batch_size, seed, calibrate)
+        with _CountBar("sampling", quiet=as_json) as bar:
+            manifest = run(generator, out, options, torch_device, force, bar)
+    if as_json:
+        print(json.dumps({k: v for k, v in manifest.items() if k != "samples"}, indent=2))
+        return
+    kept = manifest["count"] - manifest["rejected"]
+    console.print(f"{kept} samples written to {out} ({manifest['solver']}, {manifest['steps']} steps) in "
+                  f"{manifest['seconds']:.1f}s; {manifest['rejected']} rejected (non-finite)")
+    if manifest["rejected"]:
+        err_console.print(f"[yellow]{manifest['rejected']} samples were rejected; see {out}/manifest.json[/]")
+
+
+class _CountBar:
+    """Rich progress over a count of items."""
+
+    def __init__(self, label: str, quiet: bool) -> None:
+        self.progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 console=err_console, disable=quiet)
+        self.task: Any = None
+
+    def __enter__(self) -> _CountBar:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def start(self, total: int, done: int) -> None:
+        self.task = self.progress.add_task("", total=total, completed=done)
+
+    def advance(self, count: int) -> None:
+        self.progress.advance(self.task, count)
+
+
 class _StageBar:
     """Rich progress for multi-stage commands: one bar per stage."""
 

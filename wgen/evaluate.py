@@ -54,3 +54,24 @@ def reestimate_batchnorm(model: torch.nn.Module, data: SplitData, device: torch.
         m.momentum = momentum
     model.eval()
     return True
+
+
+@torch.no_grad()
+def stacked_forward(model: torch.nn.Module, states: list[dict[str, torch.Tensor]], x: torch.Tensor) -> torch.Tensor:
+    """Return the eval-mode outputs ``[models, batch, ...]`` of ``model`` under each of ``states``.
+
+    All models run in one pass with ``torch.func.vmap`` over stacked weights; an architecture that
+    cannot be vmapped falls back to one model at a time.
+    """
+    from torch.func import functional_call, vmap
+
+    model.eval()
+    stacked = {k: torch.stack([s[k] for s in states]).to(x.device) for k in states[0]}
+    try:
+        return vmap(lambda weights: functional_call(model, weights, (x,)))(stacked)
+    except (RuntimeError, NotImplementedError, ValueError):
+        outputs = []
+        for state in states:
+            model.load_state_dict(state)
+            outputs.append(model(x))
+        return torch.stack(outputs)

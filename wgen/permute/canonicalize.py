@@ -6,7 +6,10 @@ so a killed run leaves no half-written zoo (re-running starts again; it is fast)
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,12 +21,14 @@ from ..checkpoints import (ZOO_JSON, MemberRef, StateDict, Zoo, atomic_dir, atom
                            write_member, zoo_fingerprint)
 from ..errors import WgenError
 from .groups import PermSpec, derive_groups
-from .match import align_to_target, apply_alignment, identity_alignment, merge_many
+from .match import Alignment, align_to_target, apply_alignment, identity_alignment, merge_many
 
 CANONICAL_JSON = "canonicalize.json"
 METHODS = ("weight-matching", "none")
 VERIFY_TOLERANCE = 1e-4
 VERIFY_BATCH = 8
+# Below this many (members x parameters) starting worker processes costs more than it saves.
+PARALLEL_MIN_WORK = 30_000_000
 
 
 class CanonProgress(Protocol):
@@ -91,22 +96,14 @@ def canonicalize(zoo: Zoo, out: Path, options: CanonOptions, device: torch.devic
 
     clock = time.perf_counter()
     on_device = [{k: v.to(device) for k, v in s.items()} for s in states]
-    generator = torch.Generator().manual_seed(options.seed)
     progress.stage("matching", len(states))
     if options.method == "none" or not (spec.groups or spec.heads):
         alignments = [identity_alignment(spec, s) for s in states]
     elif template_index is None:
-        alignments = merge_many(spec, on_device, score_keys, options.restarts, generator=generator)
+        alignments = merge_many(spec, on_device, score_keys, options.restarts,
+                                generator=torch.Generator().manual_seed(options.seed))
     else:
-        alignments = []
-        for i, state in enumerate(on_device):
-            if i == template_index:
-                alignments.append(identity_alignment(spec, state))
-            else:
-                result = align_to_target(spec, on_device[template_index], state, score_keys, options.restarts,
-                                         generator)
-                alignments.append(result.alignment)
-            progress.advance()
+        alignments = _align_to_template(spec, on_device, template_index, score_keys, options, device, progress)
     canonical = [{k: v.cpu() for k, v in apply_alignment(s, a).items()} for s, a in zip(on_device, alignments)]
     timings["match"] = _lap(clock)
 
@@ -158,6 +155,39 @@ def canonicalize(zoo: Zoo, out: Path, options: CanonOptions, device: torch.devic
         report["timings"]["write"] = _lap(clock)
         atomic_write_json(tmp / CANONICAL_JSON, report)
     return report
+
+
+def _align_to_template(spec: PermSpec, states: list[StateDict], template_index: int, score_keys: set[str],
+                       options: CanonOptions, device: torch.device, progress: CanonProgress) -> list[Alignment]:
+    """Align every member to the template; on CPU, spread members over processes (one per core)."""
+    jobs = [i for i in range(len(states)) if i != template_index]
+    workers = min(len(jobs), os.cpu_count() or 1) if device.type == "cpu" else 1
+    results: dict[int, Alignment] = {template_index: identity_alignment(spec, states[template_index])}
+    args = [(spec, states[template_index], states[i], score_keys, options.restarts, options.seed + i) for i in jobs]
+    work = len(jobs) * sum(states[template_index][k].numel() for k in score_keys)
+    if workers > 1 and work >= PARALLEL_MIN_WORK:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
+                                 initargs=(max(1, torch.get_num_threads() // workers),)) as pool:
+            for i, alignment in zip(jobs, pool.map(_align_one, args)):
+                results[i] = alignment
+                progress.advance()
+    else:
+        for i, job in zip(jobs, args):
+            results[i] = _align_one(job)
+            progress.advance()
+    progress.advance()  # the template itself
+    return [results[i] for i in range(len(states))]
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _align_one(job: tuple) -> Alignment:
+    spec, template, member, score_keys, restarts, seed = job
+    generator = torch.Generator().manual_seed(seed)
+    return align_to_target(spec, template, member, score_keys, restarts, generator).alignment
 
 
 def verify_same_function(zoo: Zoo, member: MemberRef, source: StateDict, result: StateDict,

@@ -88,43 +88,63 @@ def weight_matching(spec: PermSpec, target: StateDict, member: StateDict, score_
     """Return the alignment of ``member`` to ``target`` found by coordinate descent.
 
     Only tensors in ``score_keys`` (the parameters) enter the cost; every aligned axis is gathered.
+    A unit (group or attention module) is solved again only after a unit sharing a tensor with it
+    changed: solving it unchanged would return the identity, so this skips work, not results.
     """
     generator = generator or torch.Generator().manual_seed(0)
     alignment = {k: v.clone() for k, v in (start or identity_alignment(spec, member)).items()}
     current = apply_alignment(member, alignment)
     units: list[PermGroup | HeadGroup] = [*spec.groups, *spec.heads]
+    unit_axes = [u.axes if isinstance(u, PermGroup) else [(k, a) for k, a, _ in u.axes] for u in units]
+    unit_keys = [{k for k, _ in axes} for axes in unit_axes]
+    neighbours = [[j for j in range(len(units)) if j != i and unit_keys[i] & unit_keys[j]] for i in range(len(units))]
+    matricized = _Matricized(target)
+    dirty = set(range(len(units)))
     sweeps = 0
     for sweeps in range(1, max_sweeps + 1):
-        improved = False
+        if not dirty:
+            break
         for u in torch.randperm(len(units), generator=generator).tolist():
+            if u not in dirty:
+                continue
+            dirty.discard(u)
             unit = units[u]
             if isinstance(unit, PermGroup):
-                gain, step = _match_group(unit, target, current, score_keys)
-                keys = unit.axes
+                gain, step = _match_group(unit, matricized, current, score_keys)
             else:
                 gain, step = _match_heads(unit, target, current, score_keys)
-                keys = [(k, a) for k, a, _ in unit.axes]
             if gain > _TOLERANCE * (1 + abs(gain)):
-                improved = True
-                _compose(alignment, keys, step)
-                for key, axis in keys:
+                dirty.update(neighbours[u])
+                _compose(alignment, unit_axes[u], step)
+                for key, axis in unit_axes[u]:
                     index = step[(key, axis)] if isinstance(step, dict) else step
                     current[key] = current[key].index_select(axis, index.to(current[key].device))
-        if not improved:
-            break
     objective = sum(float((target[k].double() * current[k].double()).sum()) for k in score_keys)
     return MatchResult(alignment, objective, sweeps)
 
 
-def _match_group(group: PermGroup, target: StateDict, current: StateDict, score_keys: set[str]
+class _Matricized:
+    """Target tensors with one axis moved first and the rest flattened, computed once each."""
+
+    def __init__(self, target: StateDict) -> None:
+        self.target = target
+        self.cache: dict[tuple[str, int], torch.Tensor] = {}
+
+    def get(self, key: str, axis: int) -> torch.Tensor:
+        if (key, axis) not in self.cache:
+            value = self.target[key]
+            self.cache[(key, axis)] = value.movedim(axis, 0).reshape(value.shape[axis], -1).float().contiguous()
+        return self.cache[(key, axis)]
+
+
+def _match_group(group: PermGroup, target: _Matricized, current: StateDict, score_keys: set[str]
                  ) -> tuple[float, torch.Tensor]:
     cost = None
     for key, axis in group.axes:
         if key not in score_keys:
             continue
-        t = target[key].movedim(axis, 0).reshape(group.size, -1).float()
         w = current[key].movedim(axis, 0).reshape(group.size, -1).float()
-        part = t @ w.T
+        part = target.get(key, axis) @ w.T
         cost = part if cost is None else cost + part
     if cost is None:
         return 0.0, torch.arange(group.size)
