@@ -160,8 +160,19 @@ def info(
     table.add_column(style="bold")
     table.add_column()
     rows = [("kind", report["kind"]), ("architecture", report["architecture"]),
-            ("num classes", str(report["num_classes"])), ("model args", json.dumps(report["model_args"])),
-            ("members", str(report["members"])), ("parameters", f"{report['parameters']:,}")]
+            ("num classes", str(report["num_classes"])), ("model args", json.dumps(report["model_args"]))]
+    if report["kind"] == "generator":
+        space, training = report["space"], report["training"]
+        rows += [("space", f"{space['kind']}, {space['dim']} dims over {space['values']:,} weights"),
+                 ("velocity net", f"{report['net_parameters']:,} parameters (width {report['net']['width']}, "
+                                  f"depth {report['net']['depth']})"),
+                 ("members", f"{report['members']} training, {report['holdout_members']} held out"),
+                 ("source", f"{report['source']}" + (" (canonical)" if report["canonical_source"] else "")),
+                 ("training", f"{training['steps']} steps, {training['seconds']}s on {training['device']}, "
+                              f"loss {training['final_loss']:.4f}"
+                              + (f", held-out {training['final_val_loss']:.4f}" if training["final_val_loss"] is not None else ""))]
+    else:
+        rows += [("members", str(report["members"])), ("parameters", f"{report['parameters']:,}")]
     for key in ("input_size", "data"):
         if report.get(key) is not None:
             rows.append((key.replace("_", " "), str(report[key])))
@@ -169,6 +180,10 @@ def info(
         if key in report:
             s = report[key]
             rows.append((key.replace("_", " "), f"mean {_pct(s['mean'])}  min {_pct(s['min'])}  max {_pct(s['max'])}"))
+    if "samples" in report:
+        m = report["samples"]
+        rows.append(("sampling", f"{m['count']} asked, {m['rejected']} rejected; {m['solver']} x{m['steps']}, seed "
+                                 f"{m['seed']}" + (f", calibrated on {m['calibrate']}" if m["calibrate"] else "")))
     if report["skipped"]:
         rows.append(("skipped", str(len(report["skipped"]))))
     rows.append(("fingerprint", report["fingerprint"][:16]))

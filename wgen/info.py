@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import TORCH_WEIGHTS_NAME, WEIGHTS_NAME, ZOO_JSON, open_zoo, zoo_fingerprint
+from .checkpoints import TORCH_WEIGHTS_NAME, WEIGHTS_NAME, ZOO_JSON, open_zoo, read_json, zoo_fingerprint
 
 CANONICAL_JSON = "canonicalize.json"
 MANIFEST_JSON = "manifest.json"
@@ -16,6 +16,8 @@ def describe(path: Path | str, arch: str | None = None, model_args: dict[str, An
              skip_bad: bool = False) -> dict[str, Any]:
     """Return a JSON-ready description of ``path``: kind, architecture, counts and accuracy summary."""
     root = Path(path)
+    if root.is_dir() and (root / "space.safetensors").is_file():
+        return _describe_generator(root)
     zoo = open_zoo(root, arch=arch, model_args=model_args, skip_bad=skip_bad)
     model = zoo.spec.create("meta")
     description: dict[str, Any] = {
@@ -37,8 +39,29 @@ def describe(path: Path | str, arch: str | None = None, model_args: dict[str, An
         if values:
             description[key] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values),
                                 "count": len(values)}
+    if description["kind"] == "samples":
+        manifest = read_json(root / MANIFEST_JSON)
+        description["samples"] = {k: manifest.get(k) for k in ("count", "rejected", "solver", "steps", "seed",
+                                                                "calibrate", "generator")}
     description["fingerprint"] = zoo_fingerprint(zoo)
     return description
+
+
+def _describe_generator(root: Path) -> dict[str, Any]:
+    from .flow.sample import load_generator
+
+    generator = load_generator(root)
+    c = generator.config
+    training = c["training"]
+    return {"path": str(root), "kind": "generator", "architecture": c["architecture"], "num_classes": c["num_classes"],
+            "model_args": c.get("model_args", {}), "input_size": c.get("input_size"), "data": c.get("data"),
+            "space": {k: c["space"][k] for k in ("kind", "dim", "values")}, "net": c["net"],
+            "net_parameters": c["net_parameters"], "members": len(c["members"]["train"]),
+            "holdout_members": len(c["members"]["holdout"]), "source": c["source"],
+            "source_fingerprint": c["source_fingerprint"], "canonical_source": c.get("canonical", False),
+            "training": {k: training.get(k) for k in ("steps", "batch_size", "lr", "seconds", "device",
+                                                       "final_loss", "final_val_loss", "world_size")},
+            "skipped": [], "fingerprint": generator.fingerprint}
 
 
 def _kind(root: Path) -> str:

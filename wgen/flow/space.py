@@ -186,7 +186,7 @@ class PCASpace(WeightSpace):
 def fit_space(kind: str, states: list[StateDict], components: int | None, device: torch.device) -> WeightSpace:
     """Return a space of ``kind`` (auto|full|pca) fitted on the training members ``states``.
 
-    The SVD of the PCA space runs on ``device``; ``components`` defaults to ``members - 1``.
+    The principal directions of the PCA space are computed on ``device``; ``components`` defaults to ``members - 1``.
     """
     if kind not in SPACES:
         raise WgenError(f"unknown --space {kind!r}", f"use one of {', '.join(SPACES)}")
@@ -209,11 +209,29 @@ def fit_space(kind: str, states: list[StateDict], components: int | None, device
     if not 1 <= k <= len(states) - 1:
         raise WgenError(f"--components {k} must be between 1 and training members - 1 ({len(states) - 1})",
                         "PCA on N members has at most N - 1 directions")
-    normed = centred / scale
-    _, singular, vh = torch.linalg.svd(normed, full_matrices=False)
-    basis = vh[:k]
-    coef_std = (singular[:k] / (len(states) - 1) ** 0.5).clamp_min(_MIN_SCALE)
+    basis, singular = _principal_directions(centred / scale, k)
+    coef_std = (singular / (len(states) - 1) ** 0.5).clamp_min(_MIN_SCALE)
     return PCASpace(layout, mean, scale, basis, coef_std)
+
+
+def _principal_directions(rows: torch.Tensor, k: int, chunk: int = 1 << 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the top-``k`` right singular vectors ``[k, D]`` and singular values of ``rows`` ``[N, D]``.
+
+    Works through the N x N Gram matrix accumulated in float64 over column chunks: exact to float32
+    precision for N << D, with memory for one chunk in float64 only.
+    """
+    gram = torch.zeros(len(rows), len(rows), dtype=torch.float64, device=rows.device)
+    for start in range(0, rows.shape[1], chunk):
+        block = rows[:, start:start + chunk].double()
+        gram += block @ block.T
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    order = eigenvalues.argsort(descending=True)[:k]
+    singular = eigenvalues[order].clamp_min(0).sqrt()
+    left = eigenvectors[:, order] / singular.clamp_min(1e-30)
+    basis = torch.empty(k, rows.shape[1], dtype=rows.dtype, device=rows.device)
+    for start in range(0, rows.shape[1], chunk):
+        basis[:, start:start + chunk] = (left.T @ rows[:, start:start + chunk].double()).to(rows.dtype)
+    return basis, singular.to(rows.dtype)
 
 
 def load_space(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> WeightSpace:

@@ -1,0 +1,245 @@
+"""Weight spaces, velocity nets, `wgen train` (resume, DDP) and `wgen sample`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+from wgen.checkpoints import open_zoo
+from wgen.flow.nets import NetConfig, VelocityMLP
+from wgen.flow.sample import SampleOptions, integrate, load_generator, sample
+from wgen.flow.space import FULL_SPACE_MAX_DIM, Layout, fit_space
+from wgen.flow.train import TrainConfig, train_generator
+
+from conftest import TINY, make_state, snapshot, write_test_member
+
+QUICK = ("--steps", "30", "--width", "32", "--depth", "1", "--batch-size", "16", "--checkpoint-every", "10")
+
+
+@pytest.fixture
+def zoo5(tmp_path: Path) -> Path:
+    root = tmp_path / "zoo"
+    for i in range(5):
+        write_test_member(root / f"m{i}", seed=i)
+    return root
+
+
+def test_layout_round_trip_keeps_variances_positive_and_restores_integer_buffers() -> None:
+    state = make_state()
+    layout = Layout.from_state(state)
+    vector = layout.flatten(state)
+    back = layout.unflatten(vector)
+    assert all(torch.allclose(back[k].float(), state[k].float(), rtol=1e-5, atol=1e-6) for k in state)
+    noisy = layout.unflatten(vector + torch.randn_like(vector))
+    assert all(bool((noisy[k] > 0).all()) for k in noisy if k.endswith("running_var"))
+    assert noisy["bn1.num_batches_tracked"].dtype == torch.int64
+
+
+@pytest.mark.parametrize("kind", ["full", "pca"])
+def test_space_reconstructs_training_members(kind: str) -> None:
+    states = [make_state(seed=i) for i in range(4)]
+    space = fit_space(kind, states, None, torch.device("cpu"))
+    assert space.dim == (space.layout.dim if kind == "full" else 3)
+    decoded = space.decode(space.encode(states))
+    for state, back in zip(states, decoded):
+        for key in state:
+            assert torch.allclose(back[key].float(), state[key].float(), rtol=1e-4, atol=1e-4), key
+    coords = space.encode(states)
+    if kind == "pca":  # unit-variance coefficients
+        assert torch.allclose(coords.std(dim=0), torch.ones(3), atol=1e-4)
+
+
+def test_auto_space_rule() -> None:
+    states = [make_state(seed=i) for i in range(3)]
+    assert Layout.from_state(states[0]).dim > FULL_SPACE_MAX_DIM
+    assert fit_space("auto", states, None, torch.device("cpu")).kind == "pca"
+
+
+def test_velocity_net_starts_at_zero() -> None:
+    net = VelocityMLP(7, NetConfig(width=16, depth=2))
+    out = net(torch.randn(5, 7), torch.rand(5))
+    assert out.shape == (5, 7) and bool((out == 0).all())
+
+
+def test_train_and_sample_write_loadable_members(zoo5: Path, tmp_path: Path, run_cli) -> None:
+    gen, samples = tmp_path / "gen", tmp_path / "samples"
+    result = run_cli("train", zoo5, "-o", gen, *QUICK, "--holdout", "0.2", "--json")
+    assert result.exit_code == 0, result.output
+    config = json.loads((gen / "config.json").read_text())
+    assert config["space"]["kind"] == "pca" and config["space"]["dim"] == 3
+    assert len(config["members"]["holdout"]) == 1 and len(config["members"]["train"]) == 4
+    assert json.loads(run_cli("info", gen, "--json").stdout)["kind"] == "generator"
+
+    result = run_cli("sample", gen, "-n", "5", "-o", samples, "--batch-size", "2", "--json")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((samples / "manifest.json").read_text())
+    assert manifest["rejected"] == 0 and [s["seed"] for s in manifest["samples"]] == [0, 1, 2, 3, 4]
+    info = json.loads(run_cli("info", samples, "--json").stdout)
+    assert info["kind"] == "samples" and info["members"] == 5
+
+    # every sample loads in timm and computes what the in-memory sampled weights compute
+    generator = load_generator(gen)
+    noise = torch.randn(generator.space.dim, generator=torch.Generator().manual_seed(3))[None]
+    state = generator.space.decode(integrate(generator.net, noise, "midpoint", 20))[0]
+    reference = TINY.create().eval()
+    reference.load_state_dict(state)
+    loaded = timm.create_model(f"local-dir:{samples / 'sample-003'}", pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), reference(x), atol=1e-5, rtol=1e-5)
+    import hashlib
+    entry = manifest["samples"][3]
+    assert entry["files"]["model.safetensors"] == hashlib.sha256(
+        (samples / "sample-003" / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_resumed_training_ends_bit_for_bit_where_an_uninterrupted_one_does(zoo5: Path, tmp_path: Path) -> None:
+    zoo = open_zoo(zoo5)
+    config = TrainConfig(steps=40, batch_size=16, checkpoint_every=10, net=NetConfig(width=32, depth=1), holdout=0.2)
+    cpu = torch.device("cpu")
+    train_generator(zoo, tmp_path / "whole", config, cpu)
+    assert train_generator(zoo, tmp_path / "cut", config, cpu, stop_after=15) == {"stopped_at": 15}
+    assert not (tmp_path / "cut" / "model.safetensors").exists()
+    train_generator(zoo, tmp_path / "cut", config, cpu, resume=True)
+    a = safetensors.torch.load_file(str(tmp_path / "whole" / "model.safetensors"))
+    b = safetensors.torch.load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_refuses_existing_output_and_mismatching_resume(zoo5: Path, tmp_path: Path, run_cli) -> None:
+    gen = tmp_path / "gen"
+    assert run_cli("train", zoo5, "-o", gen, *QUICK).exit_code == 0
+    before = snapshot(gen)
+    result = run_cli("train", zoo5, "-o", gen, *QUICK)
+    assert result.exit_code == 2 and f"{gen}: exists" in " ".join(result.stderr.split())
+    result = run_cli("train", zoo5, "-o", gen, *QUICK[:-2], "--checkpoint-every", "5", "--resume")
+    assert result.exit_code == 2
+    assert "the checkpoint was trained with other settings (checkpoint_every)" in " ".join(result.stderr.split())
+    assert snapshot(gen) == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--space", "fourier"), "unknown --space 'fourier'"),
+    (("--components", "9"), "--components 9 must be between 1 and training members - 1 (3)"),
+    (("--holdout", "1.5"), "--holdout 1.5 must be in [0, 1)"),
+    (("--time-sampling", "beta"), "unknown --time-sampling 'beta'"),
+])
+def test_bad_train_options(zoo5: Path, tmp_path: Path, run_cli, args, message) -> None:
+    result = run_cli("train", zoo5, "-o", tmp_path / "gen", *QUICK, *args)
+    assert result.exit_code == 2
+    assert message in " ".join(result.stderr.split())
+
+
+@pytest.fixture
+def generator_dir(zoo5: Path, tmp_path: Path) -> Path:
+    gen = tmp_path / "gen"
+    train_generator(open_zoo(zoo5), gen, TrainConfig(steps=20, batch_size=16, net=NetConfig(width=32, depth=1)),
+                    torch.device("cpu"))
+    return gen
+
+
+def test_samples_do_not_depend_on_batch_size_and_solvers_run(generator_dir: Path, tmp_path: Path) -> None:
+    generator = load_generator(generator_dir)
+    cpu = torch.device("cpu")
+    sample(generator, tmp_path / "a", SampleOptions(count=3, batch_size=1), cpu)
+    sample(generator, tmp_path / "b", SampleOptions(count=3, batch_size=3), cpu)
+    for i in range(3):
+        a = safetensors.torch.load_file(str(tmp_path / "a" / f"sample-00{i}" / "model.safetensors"))
+        b = safetensors.torch.load_file(str(tmp_path / "b" / f"sample-00{i}" / "model.safetensors"))
+        assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+    for solver in ("euler", "rk4", "dopri5"):
+        manifest = sample(generator, tmp_path / solver, SampleOptions(count=2, solver=solver, steps=4), cpu)
+        assert manifest["rejected"] == 0 and manifest["solver"] == solver
+
+
+def test_killed_sampling_resumes(generator_dir: Path, tmp_path: Path) -> None:
+    generator = load_generator(generator_dir)
+    out = tmp_path / "s"
+
+    class Kill:
+        def start(self, total, done): ...
+        def advance(self, count):
+            raise KeyboardInterrupt
+
+    options = SampleOptions(count=4, batch_size=2)
+    with pytest.raises(KeyboardInterrupt):
+        sample(generator, out, options, torch.device("cpu"), progress=Kill())
+    first = snapshot(out / "sample-000")
+    assert not (out / "manifest.json").exists() and not (out / "sample-002").exists()
+    manifest = sample(generator, out, options, torch.device("cpu"))
+    assert len(manifest["samples"]) == 4 and snapshot(out / "sample-000") == first
+
+
+def test_non_finite_samples_are_flagged_not_kept(generator_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    generator = load_generator(generator_dir)
+    real = generator.space.decode
+
+    def poisoned(coords):
+        states = real(coords)
+        states[1]["fc.weight"][0, 0] = float("nan")
+        return states
+
+    monkeypatch.setattr(generator.space, "decode", poisoned)
+    manifest = sample(generator, tmp_path / "s", SampleOptions(count=3, batch_size=3), torch.device("cpu"))
+    assert manifest["rejected"] == 1
+    assert manifest["samples"][1]["rejected"] == "non-finite weights"
+    assert not (tmp_path / "s" / "sample-001").exists() and (tmp_path / "s" / "sample-002").exists()
+
+
+def test_calibration_uses_the_train_split_only(tmp_path: Path, run_cli, monkeypatch) -> None:
+    from wgen.data import SplitData
+
+    zoo = tmp_path / "zoo"
+    assert run_cli("zoo", "-a", "test_resnet", "-d", "digits", "-n", "3", "--epochs", "1", "-o", zoo).exit_code == 0
+    gen = tmp_path / "gen"
+    assert run_cli("train", zoo, "-o", gen, *QUICK).exit_code == 0
+    seen = []
+    real = SplitData.batches
+
+    def spy(self, split, *args, **kwargs):
+        seen.append(split)
+        return real(self, split, *args, **kwargs)
+
+    monkeypatch.setattr(SplitData, "batches", spy)
+    result = run_cli("sample", gen, "-n", "2", "-o", tmp_path / "s", "--calibrate", "digits")
+    assert result.exit_code == 0, result.output
+    assert seen and set(seen) == {"train"}
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["calibrate"] == "digits"
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--solver", "leapfrog"), "unknown --solver 'leapfrog'"),
+    (("-n", "0"), "-n and --batch-size must be at least 1"),
+])
+def test_bad_sample_options(generator_dir: Path, tmp_path: Path, run_cli, args, message) -> None:
+    result = run_cli("sample", generator_dir, "-o", tmp_path / "s", *args)
+    assert result.exit_code == 2 and message in result.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_sample_from_a_folder_that_is_not_a_generator(zoo5: Path, tmp_path: Path, run_cli) -> None:
+    result = run_cli("sample", zoo5 / "m0", "-o", tmp_path / "s")
+    assert result.exit_code == 2
+    assert "not a generator" in result.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_on_cpu_with_two_gloo_processes(zoo5: Path, tmp_path: Path) -> None:
+    gen = tmp_path / "gen"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+           "-m", "wgen", "train", str(zoo5), "-o", str(gen), *QUICK, "--device", "cpu", "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    config = json.loads((gen / "config.json").read_text())
+    assert config["training"]["world_size"] == 2
+    assert (gen / "model.safetensors").is_file()
