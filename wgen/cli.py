@@ -253,7 +253,7 @@ def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder for the generator")],
     space: Annotated[str, typer.Option(help="auto | full | pca (auto: full up to 50,000 values, else pca)")] = "auto",
     components: Annotated[Optional[int], typer.Option(help="PCA components (default: training members - 1)")] = None,
-    steps: Annotated[int, typer.Option(help="optimizer steps")] = 2000,
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = 5000,
     batch_size: Annotated[int, typer.Option(help="flow-matching batch size")] = 128,
     lr: Annotated[float, typer.Option(help="peak learning rate (AdamW, warm-up then cosine)")] = 1e-3,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = 0.0,
@@ -386,6 +386,97 @@ class _CountBar:
 
     def advance(self, count: int) -> None:
         self.progress.advance(self.task, count)
+
+
+@app.command(name="eval")
+def eval_command(
+    target: Annotated[Path, typer.Argument(metavar="SAMPLES", help="samples folder (or any zoo)")],
+    zoo_path: Annotated[Optional[Path], typer.Option("--zoo", help="the (canonical) zoo the generator was trained on")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", "-d", help="dataset spec (default: the one recorded)")] = None,
+    split: Annotated[str, typer.Option(help="train | val | test")] = "test",
+    out: Annotated[Optional[Path], typer.Option("--out", help="write the JSON report here")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="write the PNG figure here")] = None,
+    noise_scales: Annotated[str, typer.Option(help="relative scales of the noise baselines, comma-separated")] = "0.01,0.03,0.1,0.3",
+    soup_k: Annotated[int, typer.Option(help="members per soup baseline")] = 3,
+    baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="build baselines from the zoo")] = True,
+    seed: Annotated[int, typer.Option(help="seed of the baselines")] = 0,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+) -> None:
+    """Accuracy, ensembles, diversity and novelty of samples, next to the zoo and baselines."""
+    from .report import EvalOptions, evaluate, write_report
+    from .runtime import resolve_device
+
+    with user_errors():
+        torch_device = resolve_device(device)
+        try:
+            scales = tuple(float(v) for v in noise_scales.split(",") if v.strip())
+        except ValueError:
+            raise WgenError(f"--noise-scales {noise_scales!r} is not a list of numbers", "e.g. 0.01,0.1") from None
+        options = EvalOptions(data, split, scales, soup_k, seed, baselines)
+        with _StageBar(quiet=as_json) as bar:
+            report = evaluate(target, zoo_path, options, torch_device, bar)
+        write_report(report, out, plot)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    _print_eval(report, out, plot)
+
+
+def _print_eval(report: dict[str, Any], out: Optional[Path], plot: Optional[Path]) -> None:
+    table = Table(title=f"{report['architecture']} on {report['data']}, {report['examples']} {report['split']} examples")
+    columns = ["set", "models", "acc mean", "acc min", "NLL", "ECE", "ensemble acc", "disagree", "NN ratio",
+               "max err-IoU", "NN agree", "copies", "nearer held-out"]
+    for column in columns:
+        table.add_column(column, justify="left" if column == "set" else "right")
+    for name, s in report["sets"].items():
+        ens = s["ensemble"][-1]["accuracy"]
+        label = name + (" (matched)" if name == report.get("matched_noise") else "")
+        novelty = [f"{s['nn_ratio']['mean']:.2f}", f"{s['max_error_iou']['mean']:.2f}", _pct(s["nn_agreement"]["mean"]),
+                   _pct(s["copy_rate"])] if "nn_ratio" in s else ["-"] * 4
+        table.add_row(label, str(s["models"]), _pct(s["accuracy"]["mean"]), _pct(s["accuracy"]["min"]),
+                      f"{s['nll']['mean']:.3f}", f"{s['ece']['mean']:.3f}", _pct(ens), _pct(s["disagreement"]),
+                      *novelty, _pct(s["holdout_nearer"]) if "holdout_nearer" in s else "-")
+    console.print(table)
+    for path, what in ((out, "report"), (plot, "figure")):
+        if path is not None:
+            console.print(f"{what}: {path}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for every stage's output (re-run to resume)")] = Path("wgen-demo"),
+    device: DeviceOption = "auto",
+) -> None:
+    """The whole chain on built-in digits: zoo -> canonicalize -> train -> sample -> eval."""
+    import time
+
+    from .demo import run_demo
+    from .runtime import resolve_device
+
+    started = time.perf_counter()
+    bars: dict[str, Any] = {}
+
+    def announce(stage: str, command: str) -> None:
+        console.print(f"[bold cyan]==> {stage}[/]  [dim]({command})[/]")
+
+    def progress(stage: str) -> Any:
+        for bar in bars.values():
+            bar.__exit__(None, None, None)
+        bars.clear()
+        bar = {"zoo": _ZooBar, "train": _TrainBar}.get(stage, None)
+        bar = bar(quiet=False) if bar else (_CountBar(stage, quiet=False) if stage == "sample" else _StageBar(quiet=False))
+        bars[stage] = bar.__enter__()
+        return bar
+
+    with user_errors():
+        try:
+            report = run_demo(out, resolve_device(device), announce=announce, progress=progress)
+        finally:
+            for bar in bars.values():
+                bar.__exit__(None, None, None)
+    _print_eval(report, out / "report.json", out / "report.png")
+    console.print(f"demo finished in {time.perf_counter() - started:.0f}s")
 
 
 class _StageBar:

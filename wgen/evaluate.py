@@ -75,3 +75,65 @@ def stacked_forward(model: torch.nn.Module, states: list[dict[str, torch.Tensor]
             model.load_state_dict(state)
             outputs.append(model(x))
         return torch.stack(outputs)
+
+
+# ------------------------------------------------------------------------------------------------
+# many models at once
+
+
+@torch.no_grad()
+def stacked_logits(model: torch.nn.Module, states: list[dict[str, torch.Tensor]], data: SplitData, split: str,
+                   device: torch.device, models_per_pass: int = 25, batch_size: int = 256) -> torch.Tensor:
+    """Return logits ``[models, examples, classes]`` of every state on ``split``, batched with vmap."""
+    chunks = []
+    for start in range(0, len(states), models_per_pass):
+        group = [{k: v.to(device) for k, v in s.items()} for s in states[start:start + models_per_pass]]
+        chunks.append(torch.cat([stacked_forward(model, group, x.to(device)).float().cpu()
+                                 for x, _ in data.batches(split, batch_size)], dim=1))
+    return torch.cat(chunks)
+
+
+def per_model_metrics(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> dict[str, torch.Tensor]:
+    """Return accuracy, NLL and expected calibration error of each model, as ``[models]`` tensors."""
+    log_probs = logits.log_softmax(dim=-1)
+    confidence, predicted = log_probs.exp().max(dim=-1)
+    correct = (predicted == labels).float()
+    nll = -log_probs.gather(-1, labels.expand(len(logits), -1)[..., None]).squeeze(-1).mean(dim=1)
+    edges = torch.linspace(0, 1, bins + 1)
+    ece = torch.zeros(len(logits))
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = ((confidence > lo) & (confidence <= hi)).float()
+        count = inside.sum(dim=1)
+        gap = ((confidence - correct) * inside).sum(dim=1).abs()
+        ece += torch.where(count > 0, gap, torch.zeros_like(gap)) / logits.shape[1]
+    return {"accuracy": correct.mean(dim=1), "nll": nll, "ece": ece}
+
+
+def ensemble_curve(logits: torch.Tensor, labels: torch.Tensor) -> list[dict[str, float]]:
+    """Return accuracy and NLL of the mean prediction of the first k models, k = 1, 2, 4, ..., N."""
+    probs = logits.softmax(dim=-1)
+    sizes = sorted({min(2 ** i, len(probs)) for i in range(len(probs).bit_length() + 1)})
+    curve = []
+    for k in sizes:
+        mean = probs[:k].mean(dim=0)
+        curve.append({"size": k, "accuracy": float((mean.argmax(-1) == labels).float().mean()),
+                      "nll": float(-mean.clamp_min(1e-12).log().gather(-1, labels[:, None]).mean())})
+    return curve
+
+
+def mean_disagreement(logits: torch.Tensor) -> float:
+    """Return the mean over model pairs of the share of examples on which their top-1 predictions differ."""
+    models = len(logits)
+    if models < 2:
+        return float("nan")
+    counts = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).sum(dim=0).double()  # [N, C]
+    agreeing_pairs = (counts * (counts - 1) / 2).sum(dim=1)
+    return float(1 - (agreeing_pairs / (models * (models - 1) / 2)).mean())
+
+
+def error_iou(errors_a: torch.Tensor, errors_b: torch.Tensor) -> torch.Tensor:
+    """Return ``[A, B]`` IoU of the misclassified-example sets (1 where both sets are empty)."""
+    a, b = errors_a.double(), errors_b.double()
+    inter = a @ b.T
+    union = a.sum(1, keepdim=True) + b.sum(1)[None] - inter
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))

@@ -41,7 +41,7 @@ class TrainConfig:
 
     space: str = "auto"
     components: int | None = None
-    steps: int = 2000
+    steps: int = 5000
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0

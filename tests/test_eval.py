@@ -1,0 +1,142 @@
+"""Metrics on constructed cases with known answers, `wgen eval`, and `wgen demo`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from wgen.evaluate import ensemble_curve, error_iou, mean_disagreement, per_model_metrics
+from wgen.report import _noisy
+
+from conftest import make_state
+
+
+def test_per_model_metrics_known_values() -> None:
+    labels = torch.tensor([0, 1, 1, 0])
+    confident_right = torch.tensor([[9.0, -9.0], [-9.0, 9.0], [-9.0, 9.0], [9.0, -9.0]])
+    half_wrong = torch.tensor([[9.0, -9.0], [9.0, -9.0], [-9.0, 9.0], [-9.0, 9.0]])
+    m = per_model_metrics(torch.stack([confident_right, half_wrong]), labels)
+    assert m["accuracy"].tolist() == [1.0, 0.5]
+    assert m["nll"][0] < 1e-6 and m["nll"][1] == pytest.approx(9.0, abs=1e-3)
+    assert m["ece"][0] < 1e-6 and m["ece"][1] == pytest.approx(0.5, abs=1e-4)  # confident, half right
+
+
+def test_identical_models_disagree_nowhere_and_copy_each_others_errors() -> None:
+    logits = torch.randn(1, 50, 4).repeat(3, 1, 1)
+    labels = torch.randint(4, (50,))
+    assert mean_disagreement(logits) == 0.0
+    errors = logits.argmax(-1) != labels
+    assert torch.equal(error_iou(errors, errors), torch.ones(3, 3, dtype=torch.float64))
+    assert error_iou(torch.zeros(1, 5, dtype=torch.bool), torch.zeros(1, 5, dtype=torch.bool)).item() == 1.0
+    opposite = torch.tensor([[True, False]]), torch.tensor([[False, True]])
+    assert error_iou(*opposite).item() == 0.0
+
+
+def test_disagreement_of_two_models_that_differ_on_half() -> None:
+    a = torch.tensor([[5.0, 0.0]] * 4)
+    b = torch.tensor([[5.0, 0.0]] * 2 + [[0.0, 5.0]] * 2)
+    assert mean_disagreement(torch.stack([a, b])) == pytest.approx(0.5)
+
+
+def test_ensemble_curve_sizes_and_values() -> None:
+    labels = torch.tensor([0, 1])
+    right = torch.tensor([[4.0, 0.0], [0.0, 4.0]])
+    wrong = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    curve = ensemble_curve(torch.stack([wrong, right, right]), labels)
+    assert [p["size"] for p in curve] == [1, 2, 3]
+    assert [p["accuracy"] for p in curve] == [0.0, 1.0, 1.0]
+
+
+def test_noise_baseline_distance_grows_with_scale() -> None:
+    states = [make_state(seed=i) for i in range(3)]
+    keys = sorted(k for k, v in states[0].items() if v.is_floating_point() and "running" not in k)
+    distances = []
+    for scale in (0.01, 0.1, 0.3):
+        noisy = _noisy(states, 6, scale, keys, torch.Generator().manual_seed(0))
+        distances.append(min(sum(float((n[k] - s[k]).pow(2).sum()) for k in keys) ** 0.5
+                             for n in noisy for s in states))
+    assert distances[0] < distances[1] < distances[2]
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory) -> dict[str, Path]:
+    """A small real chain: zoo -> canonical zoo -> generator -> samples."""
+    from typer.testing import CliRunner
+
+    from wgen.cli import app
+
+    root = tmp_path_factory.mktemp("chain")
+    runner = CliRunner()
+    steps = [
+        ["zoo", "-a", "test_resnet", "-d", "digits", "-n", "4", "--epochs", "2", "-o", str(root / "zoo")],
+        ["canonicalize", str(root / "zoo"), "-o", str(root / "canon")],
+        ["train", str(root / "canon"), "-o", str(root / "gen"), "--steps", "60", "--width", "32", "--depth", "1",
+         "--holdout", "0.25"],
+        ["sample", str(root / "gen"), "-n", "6", "-o", str(root / "samples")],
+    ]
+    for args in steps:
+        result = runner.invoke(app, args, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    return {name: root / name for name in ("zoo", "canon", "gen", "samples")}
+
+
+def test_eval_reports_every_metric_for_every_set(chain: dict[str, Path], tmp_path: Path, run_cli) -> None:
+    report_path, plot_path = tmp_path / "report.json", tmp_path / "report.png"
+    result = run_cli("eval", chain["samples"], "--zoo", chain["canon"], "-d", "digits", "--out", report_path,
+                     "--plot", plot_path, "--noise-scales", "0.01,0.3", "--soup-k", "2")
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    assert list(report["sets"]) == ["zoo", "samples", "noise 0.01", "noise 0.3", "interpolation", "soup of 2"]
+    assert len(report["training_members"]) == 3 and report["holdout_members"] == 1
+    for name, s in report["sets"].items():
+        for key in ("accuracy", "nll", "ece", "ensemble", "disagreement", "nn_ratio", "max_error_iou",
+                    "nn_agreement", "copy_rate"):
+            assert key in s, (name, key)
+        assert s["models"] == (3 if name == "zoo" else 6)
+        if name != "zoo":
+            assert "holdout_nearer" in s
+    assert report["sets"]["zoo"]["nn_ratio"]["mean"] == pytest.approx(1.0)
+    noise = report["sets"]
+    assert noise["noise 0.01"]["nn_distance"]["mean"] < noise["noise 0.3"]["nn_distance"]["mean"]
+    assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the recorded test accuracy of each zoo member is what eval measures for it
+    zoo_json = json.loads((chain["canon"] / "zoo.json").read_text())
+    recorded = {m["name"]: m["test_accuracy"] for m in zoo_json["members"]}
+    measured = dict(zip(report["training_members"], report["sets"]["zoo"]["per_model_accuracy"]))
+    for name, accuracy in measured.items():
+        assert accuracy == pytest.approx(recorded[name], abs=1e-6)
+
+
+def test_eval_of_a_zoo_alone(chain: dict[str, Path], run_cli) -> None:
+    result = run_cli("eval", chain["zoo"], "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert list(report["sets"]) == ["models"] and report["data"] == "digits"
+    assert "nn_ratio" not in report["sets"]["models"]
+
+
+def test_eval_with_a_mismatching_zoo(chain: dict[str, Path], tmp_path: Path, run_cli) -> None:
+    from conftest import write_test_member
+    from wgen.checkpoints import ModelSpec
+
+    write_test_member(tmp_path / "other" / "a", ModelSpec("test_resnet", 3, {}))
+    result = run_cli("eval", chain["samples"], "--zoo", tmp_path / "other")
+    assert result.exit_code == 2
+    assert "pass the zoo the generator was trained on" in result.stderr
+
+
+@pytest.mark.slow
+def test_demo_runs_the_chain_and_resumes(tmp_path: Path) -> None:
+    from wgen.demo import DemoSettings, run_demo
+
+    settings = DemoSettings(members=3, epochs=1, train_steps=40, samples=4)
+    stages = []
+    report = run_demo(tmp_path, torch.device("cpu"), settings, announce=lambda stage, command: stages.append(stage))
+    assert stages == ["zoo", "canonicalize", "train", "sample", "eval"]
+    assert (tmp_path / "report.png").is_file() and set(report["sets"]) >= {"zoo", "samples"}
+    before = (tmp_path / "samples" / "manifest.json").read_text()
+    run_demo(tmp_path, torch.device("cpu"), settings)  # resumes: finished stages are kept
+    assert (tmp_path / "samples" / "manifest.json").read_text() == before
