@@ -140,3 +140,15 @@ def test_demo_runs_the_chain_and_resumes(tmp_path: Path) -> None:
     before = (tmp_path / "samples" / "manifest.json").read_text()
     run_demo(tmp_path, torch.device("cpu"), settings)  # resumes: finished stages are kept
     assert (tmp_path / "samples" / "manifest.json").read_text() == before
+
+
+def test_ensemble_predict_example_runs_on_samples(chain: dict[str, Path]) -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).parent.parent / "examples" / "ensemble_predict.py"
+    done = subprocess.run([sys.executable, str(script), str(chain["samples"]), "--count", "3"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "3 models; input (3, 32, 32)" in done.stdout
+    assert done.stdout.count("predicted:") == 1

@@ -1,0 +1,85 @@
+"""Benchmark batched evaluation (torch.func vmap over stacked weights) vs a plain per-model loop.
+
+Both evaluate the same N models on the digits test split in the same run and must agree on every
+accuracy to 1e-6. Prints JSON with device, versions, seconds and the speed-up.
+
+    python benchmarks/eval.py [--samples PATH] [--count 200] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+import wgen
+from wgen.checkpoints import ModelSpec, open_zoo
+from wgen.data import SplitSpec, load_data
+from wgen.evaluate import per_model_metrics, stacked_logits
+from wgen.runtime import resolve_device
+
+
+def models(samples: Path | None, count: int) -> tuple[ModelSpec, list[dict[str, torch.Tensor]], tuple[int, int, int]]:
+    if samples is not None:
+        zoo = open_zoo(samples)
+        size, _, _ = zoo.preprocessing()
+        return zoo.spec, [zoo.load(m) for m in zoo.members[:count]], size
+    spec = ModelSpec("test_resnet", 10, {})
+    states = []
+    for seed in range(count):
+        torch.manual_seed(seed)
+        states.append(spec.create().state_dict())
+    return spec, states, (3, 32, 32)
+
+
+@torch.no_grad()
+def loop_accuracies(spec: ModelSpec, states: list[dict[str, torch.Tensor]], data, device: torch.device) -> list[float]:
+    """The baseline: one model at a time, as a user without wgen would write it."""
+    accuracies = []
+    for state in states:
+        model = spec.create(device).eval()
+        model.load_state_dict(state)
+        correct = total = 0
+        for x, y in data.batches("test", 256):
+            correct += int((model(x.to(device)).argmax(-1).cpu() == y).sum())
+            total += len(y)
+        accuracies.append(correct / total)
+    return accuracies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=Path)
+    parser.add_argument("--count", type=int, default=200)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    spec, states, size = models(args.samples, args.count)
+    data = load_data("digits", size, SplitSpec())
+    labels = data.tensors("test")[1]
+    model = spec.create(device).eval()
+    stacked_logits(model, states[:2], data, "test", device)  # warm-up
+    start = time.perf_counter()
+    batched = per_model_metrics(stacked_logits(model, states, data, "test", device), labels)["accuracy"].tolist()
+    batched_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    looped = loop_accuracies(spec, states, data, device)
+    loop_seconds = time.perf_counter() - start
+    result = {
+        "benchmark": "eval", "device": str(device), "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "versions": {"wgen": wgen.__version__, "torch": torch.__version__, "timm": timm.__version__},
+        "architecture": spec.architecture, "models": len(states), "examples": len(labels),
+        "batched_seconds": batched_seconds, "loop_seconds": loop_seconds, "speedup": loop_seconds / batched_seconds,
+        "max_accuracy_difference": max(abs(a - b) for a, b in zip(batched, looped)),
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
