@@ -56,10 +56,14 @@ def run_cli():
     return run
 
 
+def make_zoo(root: Path, count: int) -> Path:
+    """Write ``count`` test_resnet members ``m0, m1, ...`` (seeds 0, 1, ...) under ``root``; return it."""
+    for i in range(count):
+        write_test_member(root / f"m{i}", seed=i)
+    return root
+
+
 @pytest.fixture
 def tiny_zoo(tmp_path: Path) -> Path:
     """A folder of three test_resnet members in timm local-dir layout."""
-    root = tmp_path / "zoo"
-    for i in range(3):
-        write_test_member(root / f"m{i}", seed=i)
-    return root
+    return make_zoo(tmp_path / "zoo", 3)

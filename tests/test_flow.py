@@ -19,17 +19,14 @@ from wgen.flow.sample import SampleOptions, integrate, load_generator, sample
 from wgen.flow.space import FULL_SPACE_MAX_DIM, Layout, fit_space
 from wgen.flow.train import TrainConfig, train_generator
 
-from conftest import TINY, make_state, snapshot, write_test_member
+from conftest import TINY, make_state, make_zoo, snapshot
 
 QUICK = ("--steps", "30", "--width", "32", "--depth", "1", "--batch-size", "16", "--checkpoint-every", "10")
 
 
 @pytest.fixture
 def zoo5(tmp_path: Path) -> Path:
-    root = tmp_path / "zoo"
-    for i in range(5):
-        write_test_member(root / f"m{i}", seed=i)
-    return root
+    return make_zoo(tmp_path / "zoo", 5)
 
 
 def test_layout_round_trip_keeps_variances_positive_and_restores_integer_buffers() -> None:

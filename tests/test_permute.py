@@ -16,7 +16,7 @@ from wgen.errors import WgenError
 from wgen.permute.groups import derive_groups
 from wgen.permute.match import align_to_target, apply_alignment, identity_alignment, random_alignment
 
-from conftest import make_state, snapshot, write_test_member
+from conftest import make_state, make_zoo, snapshot, write_test_member
 
 SMALL = [
     ModelSpec("test_resnet", 10, {}),
@@ -248,10 +248,7 @@ def test_flat_files_canonicalize_with_arch(tmp_path: Path, run_cli) -> None:
 def test_member_processes_give_the_same_alignment(tmp_path: Path, monkeypatch) -> None:
     import wgen.permute.canonicalize as canon
 
-    root = tmp_path / "zoo"
-    for i in range(5):
-        write_test_member(root / f"m{i}", seed=i)
-    zoo = open_zoo(root)
+    zoo = open_zoo(make_zoo(tmp_path / "zoo", 5))
     serial = canon.canonicalize(zoo, tmp_path / "serial", canon.CanonOptions(), torch.device("cpu"))
     monkeypatch.setattr(canon, "PARALLEL_MIN_WORK", 0)
     monkeypatch.setattr(canon.os, "cpu_count", lambda: 2)

@@ -27,6 +27,7 @@ ArchOption = Annotated[Optional[str], typer.Option("--arch", "-a", help="timm ar
 ModelArgsOption = Annotated[Optional[str], typer.Option("--model-args", help='timm model args as JSON, e.g. \'{"in_chans": 1}\'')]
 JsonOption = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
 SkipBadOption = Annotated[bool, typer.Option("--skip-bad", help="drop unreadable or mismatching members with a warning")]
+ForceOption = Annotated[bool, typer.Option(help="replace an existing output")]
 
 
 @contextlib.contextmanager
@@ -105,22 +106,33 @@ def zoo(
     console.print(table)
 
 
-class _ZooBar:
-    """Rich progress for ``wgen zoo``: one bar over members, one over the current member's epochs."""
+class _Bar:
+    """A rich progress display on stderr (silent with --json); subclasses receive a command's events."""
 
-    def __init__(self, quiet: bool) -> None:
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
-                                 console=err_console, disable=quiet)
-        self.overall: Any = None
-        self.member: Any = None
+    def __init__(self, quiet: bool, *columns: Any) -> None:
+        columns = columns or (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        self.progress = Progress(*columns, console=err_console, disable=quiet)
+        self.task: Any = None
 
-    def __enter__(self) -> _ZooBar:
+    def __enter__(self) -> Any:
         self.progress.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.progress.__exit__(*exc)
+
+
+_STATUS_COLUMNS = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[status]}"), TimeElapsedColumn())
+
+
+class _ZooBar(_Bar):
+    """Rich progress for ``wgen zoo``: one bar over members, one over the current member's epochs."""
+
+    def __init__(self, quiet: bool) -> None:
+        super().__init__(quiet, *_STATUS_COLUMNS)
+        self.overall: Any = None
+        self.member: Any = None
 
     def start(self, total: int, todo: int) -> None:
         self.overall = self.progress.add_task("members", total=total, status=f"{total - todo} already done")
@@ -151,8 +163,7 @@ def info(
 
     with user_errors():
         report = describe(path, arch, parse_model_args(model_args), skip_bad)
-    for message in report["skipped"]:
-        err_console.print(f"[yellow]skipped:[/] {message}", highlight=False, soft_wrap=True)
+    _warn_skipped(report["skipped"])
     if as_json:
         print(json.dumps(report, indent=2))
         return
@@ -206,20 +217,17 @@ def canonicalize(
     model_args: ModelArgsOption = None,
     skip_bad: SkipBadOption = False,
     device: DeviceOption = "auto",
-    force: Annotated[bool, typer.Option(help="replace an existing output")] = False,
+    force: ForceOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Permutation-align a zoo to one template; every member is verified to compute the same function."""
-    from .checkpoints import open_zoo, parse_model_args
     from .permute.canonicalize import CanonOptions
     from .permute.canonicalize import canonicalize as run
     from .runtime import resolve_device
 
     with user_errors():
         torch_device = resolve_device(device)
-        zoo_obj = open_zoo(zoo_path, arch, parse_model_args(model_args), skip_bad)
-        for message in zoo_obj.skipped:
-            err_console.print(f"[yellow]skipped:[/] {message}", highlight=False, soft_wrap=True)
+        zoo_obj = _open_input(zoo_path, arch, model_args, skip_bad)
         options = CanonOptions(method, template, restarts, seed, data, barrier_pairs)
         with _StageBar(quiet=as_json) as bar:
             report = run(zoo_obj, out, options, torch_device, force, bar)
@@ -272,11 +280,10 @@ def train(
     model_args: ModelArgsOption = None,
     skip_bad: SkipBadOption = False,
     device: DeviceOption = "auto",
-    force: Annotated[bool, typer.Option(help="replace an existing output")] = False,
+    force: ForceOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Fit a flow-matching generator in weight space (GPU if present; torchrun for several)."""
-    from .checkpoints import open_zoo, parse_model_args
     from .flow.nets import NetConfig
     from .flow.train import TrainConfig, train_generator
     from .runtime import resolve_device
@@ -286,7 +293,7 @@ def train(
         config = TrainConfig(space, components, steps, batch_size, lr, weight_decay, warmup_steps, grad_clip,
                              ema_decay, time_sampling, ot, holdout, seed, checkpoint_every,
                              NetConfig(width=width, depth=depth))
-        zoo_obj = open_zoo(zoo_path, arch, parse_model_args(model_args), skip_bad)
+        zoo_obj = _open_input(zoo_path, arch, model_args, skip_bad)
         with _TrainBar(quiet=as_json) as bar:
             result = train_generator(zoo_obj, out, config, torch_device, resume, force, bar)
     if not result:  # a non-zero rank of a torchrun job
@@ -304,27 +311,17 @@ def train(
                   + (f", held-out loss {val:.4f}" if val is not None else ""))
 
 
-class _TrainBar:
+class _TrainBar(_Bar):
     """Rich progress for ``wgen train``: steps, loss, held-out loss."""
 
     def __init__(self, quiet: bool) -> None:
-        self.progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
-                                 console=err_console, disable=quiet)
-        self.task: Any = None
-
-    def __enter__(self) -> _TrainBar:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.progress.__exit__(*exc)
+        super().__init__(quiet, *_STATUS_COLUMNS)
 
     def start(self, total: int, done: int, info: dict[str, Any]) -> None:
         err_console.print(f"{info['space']} space, {info['dim']} dims; velocity net {info['net_parameters']:,} "
                           f"parameters; {info['train_members']} training / {info['holdout_members']} held-out "
                           f"members; {info['device']}" + (f" x{info['world_size']}" if info["world_size"] > 1 else ""))
-        self.task = self.progress.add_task("train", total=total, completed=done, status="")
+        self.task = self.progress.add_task("training", total=total, completed=done, status="")
 
     def update(self, step: int, loss: float, val_loss: float | None, lr: float) -> None:
         status = f"loss {loss:.4f}" + (f"  held-out {val_loss:.4f}" if val_loss is not None else "")
@@ -342,7 +339,7 @@ def sample(
     seed: Annotated[int, typer.Option(help="sample i starts from noise seeded SEED * 1e6 + i")] = 0,
     calibrate: Annotated[Optional[str], typer.Option(help="re-estimate BatchNorm statistics on this data's train split")] = None,
     device: DeviceOption = "auto",
-    force: Annotated[bool, typer.Option(help="replace an existing output")] = False,
+    force: ForceOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Sample N new checkpoints (timm local-dir folders + manifest.json); re-run to resume."""
@@ -366,23 +363,15 @@ def sample(
         err_console.print(f"[yellow]{manifest['rejected']} samples were rejected; see {out}/manifest.json[/]")
 
 
-class _CountBar:
+class _CountBar(_Bar):
     """Rich progress over a count of items."""
 
     def __init__(self, label: str, quiet: bool) -> None:
-        self.progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                 console=err_console, disable=quiet)
-        self.task: Any = None
-
-    def __enter__(self) -> _CountBar:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.progress.__exit__(*exc)
+        super().__init__(quiet)
+        self.label = label
 
     def start(self, total: int, done: int) -> None:
-        self.task = self.progress.add_task("", total=total, completed=done)
+        self.task = self.progress.add_task(self.label, total=total, completed=done)
 
     def advance(self, count: int) -> None:
         self.progress.advance(self.task, count)
@@ -479,20 +468,8 @@ def demo(
     console.print(f"demo finished in {time.perf_counter() - started:.0f}s")
 
 
-class _StageBar:
+class _StageBar(_Bar):
     """Rich progress for multi-stage commands: one bar per stage."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=err_console, disable=quiet)
-        self.task: Any = None
-
-    def __enter__(self) -> _StageBar:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.progress.__exit__(*exc)
 
     def stage(self, name: str, total: int) -> None:
         if self.task is not None:
@@ -501,6 +478,20 @@ class _StageBar:
 
     def advance(self) -> None:
         self.progress.advance(self.task)
+
+
+def _open_input(path: Path, arch: Optional[str], model_args: Optional[str], skip_bad: bool) -> Any:
+    """Open the zoo a command reads, warning about each member --skip-bad dropped."""
+    from .checkpoints import open_zoo, parse_model_args
+
+    zoo_obj = open_zoo(path, arch, parse_model_args(model_args), skip_bad)
+    _warn_skipped(zoo_obj.skipped)
+    return zoo_obj
+
+
+def _warn_skipped(messages: list[str]) -> None:
+    for message in messages:
+        err_console.print(f"[yellow]skipped:[/] {message}", highlight=False, soft_wrap=True)
 
 
 def _pct(value: float) -> str:

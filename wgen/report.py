@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -29,6 +29,7 @@ from . import __version__
 from .checkpoints import StateDict, Zoo, atomic_write_json, open_zoo, read_json
 from .data import data_for_zoo
 from .errors import WgenError
+from .progress import SilentStages, StageProgress
 from .evaluate import ensemble_curve, error_iou, mean_disagreement, per_model_metrics, stacked_logits
 
 MANIFEST_JSON = "manifest.json"
@@ -46,18 +47,6 @@ class EvalOptions:
     baselines: bool = True
 
 
-class EvalProgress(Protocol):
-    """Receives one event per evaluated set."""
-
-    def stage(self, name: str, total: int) -> None: ...
-    def advance(self) -> None: ...
-
-
-class _Silent:
-    def stage(self, name: str, total: int) -> None: ...
-    def advance(self) -> None: ...
-
-
 @dataclass
 class _Reference:
     """The zoo's training members as the yardstick of novelty."""
@@ -72,9 +61,9 @@ class _Reference:
 
 
 def evaluate(target: Path, zoo_path: Path | None, options: EvalOptions, device: torch.device,
-             progress: EvalProgress | None = None) -> dict[str, Any]:
+             progress: StageProgress | None = None) -> dict[str, Any]:
     """Return the evaluation report of the samples (or zoo) at ``target``."""
-    progress = progress or _Silent()
+    progress = progress or SilentStages()
     if options.split not in ("train", "val", "test"):
         raise WgenError(f"unknown --split {options.split!r}", "use train, val or test")
     models = open_zoo(target)

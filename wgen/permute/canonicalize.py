@@ -12,7 +12,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -20,6 +20,7 @@ from .. import __version__
 from ..checkpoints import (ZOO_JSON, MemberRef, StateDict, Zoo, atomic_dir, atomic_write_json, member_config,
                            write_member, zoo_fingerprint)
 from ..errors import WgenError
+from ..progress import SilentStages, StageProgress
 from .groups import PermSpec, derive_groups
 from .match import Alignment, align_to_target, apply_alignment, identity_alignment, merge_many
 
@@ -29,18 +30,6 @@ VERIFY_TOLERANCE = 1e-4
 VERIFY_BATCH = 8
 # Below this many (members x parameters) starting worker processes costs more than it saves.
 PARALLEL_MIN_WORK = 30_000_000
-
-
-class CanonProgress(Protocol):
-    """Receives stage and per-member events; the CLI renders them."""
-
-    def stage(self, name: str, total: int) -> None: ...
-    def advance(self) -> None: ...
-
-
-class _Silent:
-    def stage(self, name: str, total: int) -> None: ...
-    def advance(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -68,9 +57,9 @@ def parse_template(template: str, count: int) -> int | None:
 
 
 def canonicalize(zoo: Zoo, out: Path, options: CanonOptions, device: torch.device, force: bool = False,
-                 progress: CanonProgress | None = None) -> dict[str, Any]:
+                 progress: StageProgress | None = None) -> dict[str, Any]:
     """Write the canonical form of ``zoo`` to ``out``; return the report stored in canonicalize.json."""
-    progress = progress or _Silent()
+    progress = progress or SilentStages()
     if options.method not in METHODS:
         raise WgenError(f"unknown --method {options.method!r}", f"use one of {', '.join(METHODS)}")
     template_index = parse_template(options.template, len(zoo.members))
@@ -158,7 +147,7 @@ def canonicalize(zoo: Zoo, out: Path, options: CanonOptions, device: torch.devic
 
 
 def _align_to_template(spec: PermSpec, states: list[StateDict], template_index: int, score_keys: set[str],
-                       options: CanonOptions, device: torch.device, progress: CanonProgress) -> list[Alignment]:
+                       options: CanonOptions, device: torch.device, progress: StageProgress) -> list[Alignment]:
     """Align every member to the template; on CPU, spread members over processes (one per core)."""
     jobs = [i for i in range(len(states)) if i != template_index]
     workers = min(len(jobs), os.cpu_count() or 1) if device.type == "cpu" else 1
@@ -249,7 +238,7 @@ def _distances(before: list[StateDict], after: list[StateDict], score_keys: set[
 
 
 def _barriers(zoo: Zoo, before: list[StateDict], after: list[StateDict], options: CanonOptions,
-              input_size: tuple[int, int, int], device: torch.device, progress: CanonProgress) -> dict[str, Any]:
+              input_size: tuple[int, int, int], device: torch.device, progress: StageProgress) -> dict[str, Any]:
     from ..data import data_for_zoo
     from ..evaluate import loss_and_accuracy, reestimate_batchnorm
 
