@@ -446,13 +446,17 @@ def demo(
     started = time.perf_counter()
     bars: dict[str, Any] = {}
 
-    def announce(stage: str, command: str) -> None:
-        console.print(f"[bold cyan]==> {stage}[/]  [dim]({command})[/]")
-
-    def progress(stage: str) -> Any:
+    def close_bars() -> None:
         for bar in bars.values():
             bar.__exit__(None, None, None)
         bars.clear()
+
+    def announce(stage: str, command: str) -> None:
+        close_bars()
+        console.print(f"[bold cyan]==> {stage}[/]  [dim]({command})[/]")
+
+    def progress(stage: str) -> Any:
+        close_bars()
         bar = {"zoo": _ZooBar, "train": _TrainBar}.get(stage, None)
         bar = bar(quiet=False) if bar else (_CountBar(stage, quiet=False) if stage == "sample" else _StageBar(quiet=False))
         bars[stage] = bar.__enter__()
@@ -462,8 +466,7 @@ def demo(
         try:
             report = run_demo(out, resolve_device(device), announce=announce, progress=progress)
         finally:
-            for bar in bars.values():
-                bar.__exit__(None, None, None)
+            close_bars()
     _print_eval(report, out / "report.json", out / "report.png")
     console.print(f"demo finished in {time.perf_counter() - started:.0f}s")
 

@@ -90,7 +90,7 @@ def load_generator(path: Path | str, device: torch.device | str = "cpu") -> Gene
     except Exception as exc:
         raise WgenError(f"{root}: generator files are missing or unreadable ({' '.join(str(exc).split())[:120]})",
                         "re-train the generator") from exc
-    space = load_space(config["space"], space_tensors)
+    space = load_space(config["space"], space_tensors).to(device)
     net = VelocityMLP(space.dim, NetConfig(**config["net"]))
     net.load_state_dict(weights)
     digest = hashlib.sha256()

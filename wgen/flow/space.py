@@ -113,6 +113,13 @@ class WeightSpace:
         """Return the dimension of the coordinates the flow is trained in."""
         raise NotImplementedError
 
+    def to(self, device: torch.device | str) -> WeightSpace:
+        """Move the space's tensors to ``device`` (in place); return the space."""
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+        return self
+
     def encode(self, states: list[StateDict]) -> torch.Tensor:
         """Return ``[N, dim]`` coordinates of ``states``."""
         raise NotImplementedError
