@@ -26,6 +26,8 @@ class DemoSettings:
     members: int = 16
     epochs: int = 20
     train_steps: int = 5000
+    train_batch: int = 128  # smaller than `wgen train` defaults, to stay within minutes on a CPU
+    net_width: int = 256
     samples: int = 100
 
 
@@ -47,10 +49,12 @@ def run_demo(out: Path, device: torch.device, settings: DemoSettings = DemoSetti
     if not (canon_dir / CANONICAL_JSON).is_file():
         canonicalize(open_zoo(zoo_dir), canon_dir, CanonOptions(), device, force=True, progress=progress("canonicalize"))
 
-    announce("train", f"wgen train {canon_dir} -o {gen_dir} --steps {settings.train_steps}")
+    announce("train", f"wgen train {canon_dir} -o {gen_dir} --steps {settings.train_steps} "
+                      f"--batch-size {settings.train_batch} --width {settings.net_width}")
     if not (gen_dir / "config.json").is_file():
         resume = (gen_dir / CHECKPOINT_DIR / "state.json").is_file()
-        config = TrainConfig(steps=settings.train_steps, net=NetConfig())
+        config = TrainConfig(steps=settings.train_steps, batch_size=settings.train_batch,
+                             net=NetConfig(width=settings.net_width))
         train_generator(open_zoo(canon_dir), gen_dir, config, device, resume=resume, force=not resume,
                         progress=progress("train"))
 

@@ -14,7 +14,7 @@ from torch import nn
 class NetConfig:
     """Size of the velocity MLP: hidden width, residual blocks, time-embedding width, dropout."""
 
-    width: int = 256
+    width: int = 512
     depth: int = 3
     time_dim: int = 128
     dropout: float = 0.0

@@ -42,7 +42,7 @@ class TrainConfig:
     space: str = "auto"
     components: int | None = None
     steps: int = 5000
-    batch_size: int = 128
+    batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 200
