@@ -32,7 +32,8 @@ def make_state(spec: ModelSpec = TINY, seed: int = 0) -> dict[str, torch.Tensor]
 def write_test_member(path: Path, spec: ModelSpec = TINY, seed: int = 0) -> Path:
     """Write a member of ``spec`` at ``path`` and return the path."""
     config = member_config(spec, INPUT_SIZE, (0.5,) * 3, (0.5,) * 3, {"seed": seed})
-    return write_member(path, make_state(spec, seed), config)
+    write_member(path, make_state(spec, seed), config)
+    return path
 
 
 def snapshot(root: Path) -> dict[str, str]:

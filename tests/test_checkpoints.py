@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -23,7 +24,9 @@ def test_written_member_loads_in_timm_with_identical_outputs(tmp_path: Path) -> 
     state = make_state(TINY, seed=3)
     model.load_state_dict(state)
     config = member_config(TINY, INPUT_SIZE, (0.5,) * 3, (0.5,) * 3, {"seed": 3})
-    path = write_member(tmp_path / "member", state, config)
+    path = tmp_path / "member"
+    hashes = write_member(path, state, config)
+    assert hashes["model.safetensors"] == hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
 
     loaded = timm.create_model(f"local-dir:{path}", pretrained=True).eval()
     x = torch.randn(4, *INPUT_SIZE)
@@ -36,7 +39,8 @@ def test_written_member_loads_in_timm_with_identical_outputs(tmp_path: Path) -> 
 def test_member_with_model_args_round_trips_through_timm(tmp_path: Path) -> None:
     spec = ModelSpec("test_vit", 10, {"img_size": 32, "patch_size": 8, "in_chans": 1})
     state = make_state(spec)
-    path = write_member(tmp_path / "vit", state, member_config(spec, (1, 32, 32), (0.5,), (0.5,)))
+    path = tmp_path / "vit"
+    write_member(path, state, member_config(spec, (1, 32, 32), (0.5,), (0.5,)))
     loaded = timm.create_model(f"local-dir:{path}", pretrained=True).eval()
     reference = spec.create().eval()
     reference.load_state_dict(state)
@@ -49,7 +53,7 @@ def test_write_member_is_atomic_and_leaves_no_temporary_folder(tmp_path: Path, m
     def broken_save(*args, **kwargs):
         raise KeyboardInterrupt  # a run killed while writing
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
+    monkeypatch.setattr(safetensors.torch, "save", broken_save)
     with pytest.raises(KeyboardInterrupt):
         write_test_member(tmp_path / "member")
     assert list(tmp_path.iterdir()) == []

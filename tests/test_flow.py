@@ -177,14 +177,14 @@ def test_killed_sampling_resumes(generator_dir: Path, tmp_path: Path) -> None:
 
 def test_non_finite_samples_are_flagged_not_kept(generator_dir: Path, tmp_path: Path, monkeypatch) -> None:
     generator = load_generator(generator_dir)
-    real = generator.space.decode
+    real = generator.space.vectors
 
     def poisoned(coords):
-        states = real(coords)
-        states[1]["fc.weight"][0, 0] = float("nan")
-        return states
+        vectors = real(coords).clone()
+        vectors[1, 0] = float("nan")
+        return vectors
 
-    monkeypatch.setattr(generator.space, "decode", poisoned)
+    monkeypatch.setattr(generator.space, "vectors", poisoned)
     manifest = sample(generator, tmp_path / "s", SampleOptions(count=3, batch_size=3), torch.device("cpu"))
     assert manifest["rejected"] == 1
     assert manifest["samples"][1]["rejected"] == "non-finite weights"

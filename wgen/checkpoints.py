@@ -11,6 +11,7 @@ by ``--arch`` or a folder-level ``config.json``. Torch files are only ever read 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -438,25 +439,37 @@ def atomic_write_json(path: Path, value: dict[str, Any]) -> None:
 def member_config(spec: ModelSpec, input_size: tuple[int, int, int], mean: tuple[float, ...],
                   std: tuple[float, ...], provenance: dict[str, Any] | None = None) -> dict[str, Any]:
     """Return the timm ``config.json`` of a member: spec, preprocessing and a ``wgen`` block."""
-    model = spec.create("meta")
-    pretrained = {k: v for k, v in model.pretrained_cfg.items()
-                  if k in ("interpolation", "crop_pct", "crop_mode", "first_conv", "classifier",
-                           "fixed_input_size", "license") and v is not None}
-    pretrained.update(input_size=list(input_size), mean=list(mean), std=list(std),
-                      num_classes=spec.num_classes)
-    config = {**spec.to_json(), "num_features": getattr(model, "num_features", None),
-              "pretrained_cfg": pretrained}
+    timm_fields, num_features = _timm_config_fields(json.dumps(spec.to_json(), sort_keys=True))
+    pretrained = {**timm_fields, "input_size": list(input_size), "mean": list(mean), "std": list(std),
+                  "num_classes": spec.num_classes}
+    config = {**spec.to_json(), "num_features": num_features, "pretrained_cfg": pretrained}
     config["wgen"] = {"version": __version__, **(provenance or {})}
     return config
 
 
-def write_member(path: Path, state_dict: StateDict, config: dict[str, Any]) -> Path:
-    """Write one member (``config.json`` + ``model.safetensors``) atomically at ``path``; return it."""
+@functools.lru_cache(maxsize=16)
+def _timm_config_fields(spec_json: str) -> tuple[dict[str, Any], int | None]:
+    """Return timm's own pretrained_cfg fields and num_features of a spec (built once per spec)."""
+    spec = json.loads(spec_json)
+    model = create_model(spec["architecture"], spec["num_classes"], spec["model_args"], "meta")
+    fields = {k: v for k, v in model.pretrained_cfg.items()
+              if k in ("interpolation", "crop_pct", "crop_mode", "first_conv", "classifier",
+                       "fixed_input_size", "license") and v is not None}
+    return fields, getattr(model, "num_features", None)
+
+
+def write_member(path: Path, state_dict: StateDict, config: dict[str, Any]) -> dict[str, str]:
+    """Write one member (``config.json`` + ``model.safetensors``) atomically at ``path``.
+
+    Returns the sha256 of each file written, hashed from the bytes as they were written.
+    """
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    files = {WEIGHTS_NAME: safetensors.torch.save(tensors, metadata={"format": "pt"}),
+             CONFIG_NAME: (json.dumps(config, indent=2) + "\n").encode()}
     with atomic_dir(path) as tmp:
-        safetensors.torch.save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        atomic_write_json(tmp / CONFIG_NAME, config)
-    return path
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+    return {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
 
 
 # --------------------------------------------------------------------------------------------

@@ -143,8 +143,9 @@ def sample(generator: Generator, out: Path, options: SampleOptions, device: torc
         noise = torch.stack([torch.randn(generator.space.dim, generator=torch.Generator().manual_seed(_seed(options, i)))
                              for i in batch]).to(device)
         coords = integrate(net, noise, options.solver, options.steps)
-        states = generator.space.decode(coords.float())
-        finite = [all(bool(torch.isfinite(v).all()) for v in s.values() if v.is_floating_point()) for s in states]
+        vectors = generator.space.vectors(coords.float())
+        finite = torch.isfinite(vectors).all(dim=1).tolist()
+        states = [generator.space.layout.unflatten(v) for v in vectors]
         outputs_ok = [False] * len(states)
         checkable = [s for s, ok in zip(states, finite) if ok]
         if checkable:
@@ -164,8 +165,7 @@ def sample(generator: Generator, out: Path, options: SampleOptions, device: torc
                     "kind": "sample", "index": i, "seed": entry["seed"], "generator": str(generator.path),
                     "generator_fingerprint": generator.fingerprint, "solver": options.solver,
                     "steps": options.steps, "calibrated_on": options.calibrate})
-                write_member(out / name, state, config)
-                entry["files"] = {n: _file_sha256(out / name / n) for n in (WEIGHTS_NAME, CONFIG_NAME)}
+                entry["files"] = write_member(out / name, state, config)
             entries[i] = entry
             _append_entry(out, entry)
         progress.advance(len(batch))
@@ -173,7 +173,7 @@ def sample(generator: Generator, out: Path, options: SampleOptions, device: torc
         entries[i] = entry
     ordered = [entries[i] for i in range(options.count)]
     manifest = {
-        "format": "wgen.samples/1", "wgen_version": __version__, "generator": str(generator.path),
+        "format": "wgen.samples/1", "wgen_version": __version__, "generator": str(generator.path.resolve()),
         "generator_fingerprint": generator.fingerprint, **spec.to_json(), "count": options.count,
         "seed": options.seed, "sample_seed_rule": f"seed * {SAMPLE_SEED_STRIDE} + index", "solver": options.solver,
         "steps": options.steps, "batch_size": options.batch_size, "calibrate": options.calibrate,

@@ -124,19 +124,23 @@ class WeightSpace:
         """Return ``[N, dim]`` coordinates of ``states``."""
         raise NotImplementedError
 
-    def decode(self, coords: torch.Tensor) -> list[StateDict]:
-        """Return the state dicts of ``[N, dim]`` coordinates (on the coordinates' device)."""
-        raise NotImplementedError
-
     def normalized(self, states: list[StateDict]) -> torch.Tensor:
         """Return ``[N, layout.dim]`` vectors centred on the zoo mean, scaled per tensor."""
         raw = torch.stack([self.layout.flatten(s) for s in states]).to(self.mean.device)
         return (raw - self.mean) / self.scale
 
-    def denormalized(self, vectors: torch.Tensor) -> list[StateDict]:
-        """Return the state dicts of ``[N, layout.dim]`` normalised vectors."""
-        raw = vectors * self.scale.to(vectors.device) + self.mean.to(vectors.device)
-        return [self.layout.unflatten(v) for v in raw]
+    def vectors(self, coords: torch.Tensor) -> torch.Tensor:
+        """Return the raw ``[N, layout.dim]`` vectors (``Layout.flatten`` form) of ``[N, dim]`` coordinates."""
+        normalized = self.to_normalized(coords)
+        return normalized * self.scale.to(coords.device) + self.mean.to(coords.device)
+
+    def to_normalized(self, coords: torch.Tensor) -> torch.Tensor:
+        """Return the normalised vectors ``[N, layout.dim]`` of coordinates."""
+        raise NotImplementedError
+
+    def decode(self, coords: torch.Tensor) -> list[StateDict]:
+        """Return the state dicts of ``[N, dim]`` coordinates (on the coordinates' device)."""
+        return [self.layout.unflatten(v) for v in self.vectors(coords)]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Return everything to store in ``space.safetensors``."""
@@ -161,8 +165,8 @@ class FullSpace(WeightSpace):
     def encode(self, states: list[StateDict]) -> torch.Tensor:
         return self.normalized(states)
 
-    def decode(self, coords: torch.Tensor) -> list[StateDict]:
-        return self.denormalized(coords)
+    def to_normalized(self, coords: torch.Tensor) -> torch.Tensor:
+        return coords
 
 
 class PCASpace(WeightSpace):
@@ -182,9 +186,8 @@ class PCASpace(WeightSpace):
     def encode(self, states: list[StateDict]) -> torch.Tensor:
         return (self.normalized(states) @ self.basis.T) / self.coef_std
 
-    def decode(self, coords: torch.Tensor) -> list[StateDict]:
-        basis = self.basis.to(coords.device)
-        return self.denormalized((coords * self.coef_std.to(coords.device)) @ basis)
+    def to_normalized(self, coords: torch.Tensor) -> torch.Tensor:
+        return (coords * self.coef_std.to(coords.device)) @ self.basis.to(coords.device)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {**super().tensors(), "basis": self.basis.cpu().contiguous(), "coef_std": self.coef_std.cpu().contiguous()}
