@@ -1,6 +1,8 @@
-"""Benchmark batched evaluation (torch.func vmap over stacked weights) vs a plain per-model loop.
+"""Benchmark wgen's evaluation of many models vs a plain per-model loop.
 
-Both evaluate the same N models on the digits test split in the same run and must agree on every
+wgen runs the models of a pass together with torch.func vmap over stacked weights on CUDA; on CPU,
+where vmap measured slower than a loop, it prepares each batch once and runs it through every model
+channels-last. Both evaluate the same N models on the digits test split in the same run and must agree on every
 accuracy to 1e-6. Prints JSON with device, versions, seconds and the speed-up.
 
     python benchmarks/eval.py [--samples PATH] [--count 200] [--device cpu]
