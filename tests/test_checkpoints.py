@@ -240,3 +240,16 @@ def test_info_describes_a_single_member(tmp_path: Path, run_cli) -> None:
     assert report["members"] == 1
     assert report["parameters"] == sum(p.numel() for p in TINY.create().parameters())
     assert report["input_size"] == list(INPUT_SIZE)
+
+
+def test_written_members_are_ordinary_files_and_folders(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        path = write_test_member(tmp_path / "m")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    assert stat.S_IMODE((path / "config.json").stat().st_mode) == 0o644

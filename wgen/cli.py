@@ -413,20 +413,28 @@ def eval_command(
 
 
 def _print_eval(report: dict[str, Any], out: Optional[Path], plot: Optional[Path]) -> None:
-    table = Table(title=f"{report['architecture']} on {report['data']}, {report['examples']} {report['split']} examples")
-    columns = ["set", "models", "acc mean", "acc min", "NLL", "ECE", "ensemble acc", "disagree", "NN ratio",
-               "max err-IoU", "NN agree", "copies", "nearer held-out"]
-    for column in columns:
-        table.add_column(column, justify="left" if column == "set" else "right")
-    for name, s in report["sets"].items():
-        ens = s["ensemble"][-1]["accuracy"]
-        label = name + (" (matched)" if name == report.get("matched_noise") else "")
-        novelty = [f"{s['nn_ratio']['mean']:.2f}", f"{s['max_error_iou']['mean']:.2f}", _pct(s["nn_agreement"]["mean"]),
-                   _pct(s["copy_rate"])] if "nn_ratio" in s else ["-"] * 4
-        table.add_row(label, str(s["models"]), _pct(s["accuracy"]["mean"]), _pct(s["accuracy"]["min"]),
-                      f"{s['nll']['mean']:.3f}", f"{s['ece']['mean']:.3f}", _pct(ens), _pct(s["disagreement"]),
-                      *novelty, _pct(s["holdout_nearer"]) if "holdout_nearer" in s else "-")
-    console.print(table)
+    sets = report["sets"]
+
+    def label(name: str) -> str:
+        return name + (" (matched)" if name == report.get("matched_noise") else "")
+
+    quality = Table(title=f"{report['architecture']} on {report['data']}: {report['examples']} {report['split']} examples")
+    for column in ("set", "models", "acc", "min acc", "NLL", "ECE", "ensemble acc", "disagree"):
+        quality.add_column(column, justify="left" if column == "set" else "right")
+    for name, s in sets.items():
+        quality.add_row(label(name), str(s["models"]), _pct(s["accuracy"]["mean"]), _pct(s["accuracy"]["min"]),
+                        f"{s['nll']['mean']:.3f}", f"{s['ece']['mean']:.3f}", _pct(s["ensemble"][-1]["accuracy"]),
+                        _pct(s["disagreement"]))
+    console.print(quality)
+    if any("nn_ratio" in s for s in sets.values()):
+        novelty = Table(title="novelty against the zoo's training members")
+        for column in ("set", "NN ratio", "max err-IoU", "NN agree", "copies", "nearer held-out"):
+            novelty.add_column(column, justify="left" if column == "set" else "right")
+        for name, s in sets.items():
+            novelty.add_row(label(name), f"{s['nn_ratio']['mean']:.3f}", f"{s['max_error_iou']['mean']:.2f}",
+                            _pct(s["nn_agreement"]["mean"]), _pct(s["copy_rate"]),
+                            _pct(s["holdout_nearer"]) if "holdout_nearer" in s else "-")
+        console.print(novelty)
     for path, what in ((out, "report"), (plot, "figure")):
         if path is not None:
             console.print(f"{what}: {path}")

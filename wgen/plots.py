@@ -39,8 +39,10 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     scatter.set_title("accuracy vs. copying (right = like a training member)")
     if scatter.collections:
         scatter.legend(fontsize=8)
-    bins = [i / 40 for i in range(41)]
-    for name in [n for n in shown if not sets[n].get("baseline")]:
+    models = [n for n in shown if not sets[n].get("baseline")]
+    low = max(0.0, min(min(sets[n]["per_model_accuracy"]) for n in models) - 0.01)
+    bins = [low + (1 - low) * i / 30 for i in range(31)]
+    for name in models:
         hist.hist(sets[name]["per_model_accuracy"], bins=bins, histtype="step", linewidth=2, label=name,
                   color=_colour(name))
     hist.set_xlabel(f"{report['split']} accuracy")
@@ -61,6 +63,9 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it private; the figure is an ordinary file
     try:
         fig.savefig(tmp, dpi=110)
         os.replace(tmp, path)
