@@ -253,3 +253,12 @@ def test_written_members_are_ordinary_files_and_folders(tmp_path: Path) -> None:
         os.umask(mask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o755
     assert stat.S_IMODE((path / "config.json").stat().st_mode) == 0o644
+
+
+def test_two_checkpoints_with_one_name_are_refused(tmp_path: Path, run_cli) -> None:
+    state = make_state()
+    torch.save(state, tmp_path / "a.pt")
+    safetensors.torch.save_file(state, str(tmp_path / "a.safetensors"))
+    result = run_cli("info", tmp_path, "--arch", "test_resnet")
+    assert result.exit_code == 2
+    assert f"{tmp_path}: two checkpoints are both named 'a' (a.pt, a.safetensors)" in " ".join(result.stderr.split())

@@ -152,3 +152,9 @@ def test_ensemble_predict_example_runs_on_samples(chain: dict[str, Path]) -> Non
     assert done.returncode == 0, done.stderr[-2000:]
     assert "3 models; input (3, 32, 32)" in done.stdout
     assert done.stdout.count("predicted:") == 1
+
+
+def test_eval_refuses_a_zoo_the_generator_was_not_trained_on(chain: dict[str, Path], run_cli) -> None:
+    result = run_cli("eval", chain["samples"], "--zoo", chain["zoo"])  # the raw zoo, not the canonical one
+    assert result.exit_code == 2
+    assert f"{chain['zoo']} is not the zoo the generator was trained on" in " ".join(result.stderr.split())

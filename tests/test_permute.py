@@ -24,6 +24,7 @@ SMALL = [
     ModelSpec("test_vit", 10, {"img_size": 32, "patch_size": 8, "qk_norm": True}),
     ModelSpec("test_convnext", 10, {}),
     ModelSpec("test_efficientnet", 10, {}),
+    ModelSpec("test_efficientnet_gn", 10, {}),  # GroupNorm: permutations stay inside each group
 ]
 SIZE = (3, 32, 32)
 
@@ -71,6 +72,11 @@ def test_groups_of_a_resnet_cover_every_hidden_axis() -> None:
             assert (key, 0) in permuted, key  # every hidden channel is permutable
     assert ("conv1.0.weight", 1) not in permuted  # the input's channels never move
     assert ("fc.weight", 0) not in permuted and ("fc.weight", 1) in permuted  # nor the classes
+
+
+def test_groupnorm_groups_are_block_constrained() -> None:
+    perm_spec = derive_groups(ModelSpec("test_efficientnet_gn", 10, {}).create(), SIZE)
+    assert any(g.blocks > 1 for g in perm_spec.groups)
 
 
 def test_attention_becomes_head_groups() -> None:

@@ -265,6 +265,11 @@ def find_member_refs(root: Path) -> tuple[list[MemberRef], dict[str, Any] | None
     refs += [MemberRef(p.stem, p) for p in entries if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES]
     if not refs:
         raise WgenError(f"{root}: no checkpoints found", FORMS_HINT)
+    names = [r.name for r in refs]
+    twin = next((n for n in names if names.count(n) > 1), None)
+    if twin is not None:
+        found = ", ".join(r.weights.name for r in refs if r.name == twin)
+        raise WgenError(f"{root}: two checkpoints are both named {twin!r} ({found})", "rename or move one of them")
     folder_config = root / CONFIG_NAME
     return refs, read_json(folder_config) if folder_config.is_file() else None
 
@@ -415,9 +420,13 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a member is an ordinary folder
     try:
         yield tmp
-        if final.exists():
-            shutil.rmtree(final)
+        old = None
+        if final.exists():  # moved aside, not deleted, until the new folder is in place
+            old = final.parent / f".{final.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
+            os.replace(final, old)
         os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -294,7 +295,8 @@ def train(
                              ema_decay, time_sampling, ot, holdout, seed, checkpoint_every,
                              NetConfig(width=width, depth=depth))
         zoo_obj = _open_input(zoo_path, arch, model_args, skip_bad)
-        with _TrainBar(quiet=as_json) as bar:
+        main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 draws
+        with _TrainBar(quiet=as_json or not main_rank) as bar:
             result = train_generator(zoo_obj, out, config, torch_device, resume, force, bar)
     if not result:  # a non-zero rank of a torchrun job
         return

@@ -40,10 +40,11 @@ def reestimate_batchnorm(model: torch.nn.Module, data: SplitData, device: torch.
     if not norms:
         return False
     momenta = [m.momentum for m in norms]
+    model.eval()  # dropout and drop-path stay off; only the norms collect statistics
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
-    model.train()
+        m.train()
     seen = 0
     for x, _ in data.batches("train", batch_size):
         model(x.to(device))

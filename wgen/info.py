@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoints import TORCH_WEIGHTS_NAME, WEIGHTS_NAME, ZOO_JSON, open_zoo, read_json, zoo_fingerprint
-
-CANONICAL_JSON = "canonicalize.json"
-MANIFEST_JSON = "manifest.json"
+from .flow.sample import MANIFEST_JSON
+from .permute.canonicalize import CANONICAL_JSON
 
 
 def describe(path: Path | str, arch: str | None = None, model_args: dict[str, Any] | None = None,

@@ -26,13 +26,14 @@ from typing import Any
 import torch
 
 from . import __version__
-from .checkpoints import StateDict, Zoo, atomic_write_json, open_zoo, read_json
+from .checkpoints import StateDict, Zoo, atomic_write_json, open_zoo, read_json, zoo_fingerprint
 from .data import data_for_zoo
 from .errors import WgenError
 from .progress import SilentStages, StageProgress
-from .evaluate import ensemble_curve, error_iou, mean_disagreement, per_model_metrics, stacked_logits
+from .evaluate import (ensemble_curve, error_iou, mean_disagreement, per_model_metrics, reestimate_batchnorm,
+                       stacked_logits)
+from .flow.sample import MANIFEST_JSON
 
-MANIFEST_JSON = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -66,12 +67,19 @@ def evaluate(target: Path, zoo_path: Path | None, options: EvalOptions, device: 
     progress = progress or SilentStages()
     if options.split not in ("train", "val", "test"):
         raise WgenError(f"unknown --split {options.split!r}", "use train, val or test")
+    if options.soup_k < 1:
+        raise WgenError("--soup-k must be at least 1", "e.g. --soup-k 3")
     models = open_zoo(target)
     generator_config = _generator_config(target)
     zoo = open_zoo(zoo_path) if zoo_path is not None else None
     if zoo is not None and zoo.spec != models.spec:
         raise WgenError(f"{zoo_path} holds {zoo.spec.architecture} {zoo.spec.to_json()}, the samples "
                         f"{models.spec.architecture} {models.spec.to_json()}", "pass the zoo the generator was trained on")
+    if zoo is not None and generator_config is not None \
+            and zoo_fingerprint(zoo) != generator_config.get("source_fingerprint"):
+        raise WgenError(f"{zoo_path} is not the zoo the generator was trained on "
+                        f"({generator_config.get('source')})",
+                        "pass that zoo: novelty is measured in its (canonical) weight space")
     info = dict((zoo or models).info)
     if generator_config is not None:
         info.setdefault("data", generator_config.get("data"))
@@ -82,7 +90,7 @@ def evaluate(target: Path, zoo_path: Path | None, options: EvalOptions, device: 
         raise WgenError(f"dataset {data.spec} has {data.num_classes} classes, the models {models.spec.num_classes}",
                         "evaluate on the data the zoo was trained on")
     model = models.spec.create(device).eval()
-    labels = data.tensors(options.split)[1]
+    labels = data.source.labels(data.indices[options.split])
     param_keys = sorted(k for k, _ in model.named_parameters())
     generator = torch.Generator().manual_seed(options.seed)
     sets: dict[str, dict[str, Any]] = {}
@@ -112,9 +120,13 @@ def evaluate(target: Path, zoo_path: Path | None, options: EvalOptions, device: 
     if zoo is not None and options.baselines and len(train_states) >= 2:
         builders = [(f"noise {s:g}", lambda s=s: _noisy(train_states, count, s, param_keys, generator))
                     for s in options.noise_scales]
-        builders.append(("interpolation", lambda: _interpolations(train_states, count, generator)))
+        # averaged weights come with averaged BatchNorm statistics, which fit neither parent:
+        # re-estimate them on the train split, as the canonicalize barrier does
+        builders.append(("interpolation", lambda: _recalibrated(
+            _interpolations(train_states, count, generator), models.spec, data, device)))
         k = min(options.soup_k, len(train_states))
-        builders.append((f"soup of {k}", lambda: _soups(train_states, count, k, generator)))
+        builders.append((f"soup of {k}", lambda: _recalibrated(
+            _soups(train_states, count, k, generator), models.spec, data, device)))
         progress.stage("baselines", len(builders))
         for name, build in builders:
             baseline = build()
@@ -216,6 +228,16 @@ def _set_report(logits: torch.Tensor, labels: torch.Tensor, reference: _Referenc
     if reference.holdout is not None and not self_excluded:
         to_holdout = torch.cdist(vectors.double(), reference.holdout.double()).min(dim=1).values
         out["holdout_nearer"] = float((to_holdout < nearest_distance).double().mean())
+    return out
+
+
+def _recalibrated(states: list[StateDict], spec: Any, data: Any, device: torch.device) -> list[StateDict]:
+    model = spec.create(device)
+    out = []
+    for state in states:
+        model.load_state_dict(state)
+        reestimate_batchnorm(model, data, device)
+        out.append({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
     return out
 
 

@@ -9,9 +9,6 @@ import torch
 
 from .errors import WgenError
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
-
-
 def resolve_device(name: str) -> torch.device:
     """Return the torch device for ``auto|cpu|cuda|cuda:N`` (auto = cuda when available)."""
     if name == "auto":

@@ -302,7 +302,7 @@ def _prepare_output(out: Path, header: dict[str, Any], force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise WgenError(f"{out}: exists and is not a folder", "choose another -o")
     zoo_json = out / ZOO_JSON
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
         if force:
             shutil.rmtree(out)
         elif not zoo_json.is_file():

@@ -101,11 +101,6 @@ def load_generator(path: Path | str, device: torch.device | str = "cpu") -> Gene
 
 def integrate(net: VelocityMLP, x0: torch.Tensor, solver: str, steps: int) -> torch.Tensor:
     """Return the flow's end point at t=1 from ``x0`` at t=0 (fixed steps, or adaptive dopri5)."""
-    if solver not in SOLVERS:
-        raise WgenError(f"unknown --solver {solver!r}", f"use one of {', '.join(SOLVERS)}")
-    if steps < 1:
-        raise WgenError("--steps must be at least 1", "e.g. --steps 20")
-
     def velocity(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return net(x, t.expand(len(x)))
 
@@ -124,8 +119,11 @@ def sample(generator: Generator, out: Path, options: SampleOptions, device: torc
         raise WgenError("-n and --batch-size must be at least 1", "e.g. -n 200 --batch-size 50")
     if options.solver not in SOLVERS:
         raise WgenError(f"unknown --solver {options.solver!r}", f"use one of {', '.join(SOLVERS)}")
+    if options.steps < 1:
+        raise WgenError("--steps must be at least 1", "e.g. --steps 20")
     calibration = _calibration_data(generator, options.calibrate) if options.calibrate else None
-    run = {"generator_fingerprint": generator.fingerprint, **asdict(options)}
+    run = {"generator_fingerprint": generator.fingerprint,
+           **{k: v for k, v in asdict(options).items() if k != "batch_size"}}
     done = _prepare_output(out, run, force)
     started = time.perf_counter()
     net = generator.net.to(device)
@@ -198,6 +196,8 @@ def _prepare_output(out: Path, run: dict[str, Any], force: bool) -> dict[int, di
         if force:
             shutil.rmtree(out)
         elif (out / RUN_JSON).is_file() and read_json(out / RUN_JSON) == run:
+            for stale in out.glob(".sample-*.tmp-*"):  # members cut off mid-write
+                shutil.rmtree(stale, ignore_errors=True)
             return _written_entries(out)
         else:
             raise WgenError(f"{out}: exists", "choose another -o, or pass --force to replace it")
@@ -207,8 +207,10 @@ def _prepare_output(out: Path, run: dict[str, Any], force: bool) -> dict[int, di
 
 
 def _append_entry(out: Path, entry: dict[str, Any]) -> None:
-    with open(out / ".entries.jsonl", "a") as handle:
-        handle.write(json.dumps(entry) + "\n")
+    log = out / ".entries.jsonl"
+    cut_off = log.is_file() and log.stat().st_size > 0 and not log.read_bytes().endswith(b"\n")
+    with open(log, "a") as handle:  # a line cut off by a kill must not swallow the next one
+        handle.write(("\n" if cut_off else "") + json.dumps(entry) + "\n")
 
 
 def _written_entries(out: Path) -> dict[int, dict[str, Any]]:

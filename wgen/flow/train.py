@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -106,8 +106,7 @@ def train_generator(zoo: Zoo, out: Path, config: TrainConfig, device: torch.devi
     names = [m.name for m in zoo.members]
     train_names, holdout_names = split_holdout(names, config.holdout, config.seed)
     fingerprint = zoo_fingerprint(zoo)
-    if ddp.main:
-        _prepare_output(out, resume, force, fingerprint, config)
+    _on_main_then_all(ddp, lambda: _prepare_output(out, resume, force, fingerprint, config))
     states = {m.name: zoo.load(m) for m in zoo.members}
     space = fit_space(config.space, [states[n] for n in train_names], config.components, device)
     data = space.encode([states[n] for n in train_names]).float()
@@ -175,6 +174,8 @@ def _check_config(config: TrainConfig) -> None:
         raise WgenError(f"unknown --time-sampling {config.time_sampling!r}", f"use one of {', '.join(TIME_SAMPLING)}")
     if config.steps < 1 or config.batch_size < 1 or config.lr <= 0:
         raise WgenError("steps and batch size must be >= 1 and lr > 0", "check the training options")
+    if config.checkpoint_every < 1 or config.warmup_steps < 0:
+        raise WgenError("--checkpoint-every must be >= 1 and --warmup-steps >= 0", "check the training options")
     if not 0 <= config.ema_decay < 1:
         raise WgenError(f"--ema-decay {config.ema_decay} must be in [0, 1)", "e.g. 0.999")
 
@@ -276,9 +277,11 @@ def _save_checkpoint(folder: Path, net: VelocityMLP, ema: list[torch.Tensor], op
                      generator: torch.Generator, step: int, history: list[dict[str, Any]], ddp: _Distributed,
                      meta: dict[str, Any]) -> None:
     rng = generator.get_state()
-    if ddp.world > 1:
-        gathered = [torch.empty_like(rng) for _ in range(ddp.world)]
-        dist.all_gather(gathered, rng)
+    if ddp.world > 1:  # NCCL gathers CUDA tensors only
+        device = next(net.parameters()).device
+        gathered = [torch.empty_like(rng, device=device) for _ in range(ddp.world)]
+        dist.all_gather(gathered, rng.to(device))
+        gathered = [g.cpu() for g in gathered]
     else:
         gathered = [rng]
     if not ddp.main:
@@ -362,13 +365,26 @@ def _init_distributed(device: torch.device) -> tuple[_Distributed, torch.device]
     return _Distributed(dist.get_rank(), dist.get_world_size()), device
 
 
+def _on_main_then_all(ddp: _Distributed, action: Any) -> None:
+    """Run ``action`` on rank 0; every rank raises the WgenError it raised, or goes on together."""
+    message = None
+    if ddp.main:
+        try:
+            action()
+        except WgenError as exc:
+            message = [exc.message, exc.hint]
+    if ddp.world > 1:
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message is not None:
+        _finish_distributed(ddp)
+        raise WgenError(*message)
+
+
 def _finish_distributed(ddp: _Distributed) -> None:
     if ddp.world > 1 and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
-
-def with_overrides(config: TrainConfig, **changes: Any) -> TrainConfig:
-    """Return ``config`` with ``changes`` applied (None values ignored)."""
-    return replace(config, **{k: v for k, v in changes.items() if v is not None})
 

@@ -65,6 +65,8 @@ def canonicalize(zoo: Zoo, out: Path, options: CanonOptions, device: torch.devic
     template_index = parse_template(options.template, len(zoo.members))
     if options.restarts < 1:
         raise WgenError("--restarts must be at least 1", "e.g. --restarts 3")
+    if options.barrier_pairs < 1:
+        raise WgenError("--barrier-pairs must be at least 1", "e.g. --barrier-pairs 3")
     _check_output(out, zoo.root, force)
     timings: dict[str, float] = {}
     clock = time.perf_counter()

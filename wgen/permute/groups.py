@@ -297,12 +297,9 @@ class _Deriver:
         classes: dict[int, list[AxisRef]] = {}
         for key, tensor in self.state.items():
             for axis in range(tensor.ndim):
-                if ("param", key, axis) in self.uf.ids:
+                if ("param", key, axis) in self.uf.ids:  # axes no op touched stay as they are
                     root = self.uf.find(self.uf.ids[("param", key, axis)])
                     classes.setdefault(root, []).append((key, axis))
-                elif tensor.shape[axis] > 1 and tensor.is_floating_point():
-                    # a tensor axis no op touched: leave it alone
-                    pass
         groups = []
         for root, axes in classes.items():
             if self.uf.fixed[root] or self.uf.size[root] < 2:
@@ -549,7 +546,7 @@ class _Deriver:
 
     def _reduce(self, node: torch.fx.Node) -> None:
         x = node.args[0]
-        in_shape, out_shape = _shape(x), _shape(node)
+        in_shape = _shape(x)
         dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
         keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
         if dims is None:
@@ -562,7 +559,6 @@ class _Deriver:
         else:
             for out_d, d in enumerate(kept):
                 self.join(self.ax(x, d), self.ax(node, out_d))
-        del out_shape
 
     def _reshape(self, x: torch.fx.Node, node: torch.fx.Node) -> None:
         """Join axes a reshape keeps whole; fix axes it merges or splits."""

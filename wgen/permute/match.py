@@ -193,6 +193,8 @@ def merge_many(spec: PermSpec, members: list[StateDict], score_keys: set[str], r
     """
     generator = generator or torch.Generator().manual_seed(0)
     alignments = [identity_alignment(spec, m) for m in members]
+    if len(members) < 2:
+        return alignments
     aligned = [apply_alignment(m, a) for m, a in zip(members, alignments)]
     keys = sorted(score_keys)
     total = {k: sum(a[k].double() for a in aligned) for k in keys}
