@@ -262,3 +262,9 @@ def test_two_checkpoints_with_one_name_are_refused(tmp_path: Path, run_cli) -> N
     result = run_cli("info", tmp_path, "--arch", "test_resnet")
     assert result.exit_code == 2
     assert f"{tmp_path}: two checkpoints are both named 'a' (a.pt, a.safetensors)" in " ".join(result.stderr.split())
+
+
+def test_model_args_contradicting_member_configs_are_refused(tiny_zoo: Path, run_cli) -> None:
+    result = run_cli("info", tiny_zoo, "--model-args", '{"in_chans": 1}')
+    assert result.exit_code == 2
+    assert '--model-args {"in_chans": 1} contradicts {} in m0/config.json' in " ".join(result.stderr.split())

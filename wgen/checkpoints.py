@@ -316,6 +316,9 @@ def resolve_spec(refs: list[MemberRef], folder_config: dict[str, Any] | None, ar
         if arch and arch != first.architecture:
             raise WgenError(f"--arch {arch} contradicts {first.architecture!r} in {first_ref.name}/config.json",
                             "drop --arch: members carry their own config")
+        if model_args and any(first.model_args.get(k) != v for k, v in model_args.items()):
+            raise WgenError(f"--model-args {json.dumps(model_args)} contradicts {json.dumps(first.model_args)} in "
+                            f"{first_ref.name}/config.json", "drop --model-args: members carry their own config")
         if len(specs) < len(refs):
             bare = next(r for r in refs if not r.config)
             raise WgenError(f"{bare.name}: has no config.json while other members do",
