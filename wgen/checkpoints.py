@@ -506,11 +506,15 @@ def state_dict_fingerprint(state_dict: StateDict) -> str:
     return digest.hexdigest()
 
 
-def zoo_fingerprint(zoo: Zoo) -> str:
-    """Return the sha256 of a zoo: its model spec and every member's name and weights, in order."""
+def zoo_fingerprint(zoo: Zoo, states: list[StateDict] | None = None) -> str:
+    """Return the sha256 of a zoo: its model spec and every member's name and weights, in order.
+
+    ``states`` are the members' state dicts when the caller has loaded them already (not re-read).
+    """
     digest = hashlib.sha256(json.dumps(zoo.spec.to_json(), sort_keys=True).encode())
-    for member in zoo.members:
-        digest.update(f"{member.name}:{state_dict_fingerprint(zoo.load(member))}".encode())
+    for i, member in enumerate(zoo.members):
+        state = states[i] if states is not None else zoo.load(member)
+        digest.update(f"{member.name}:{state_dict_fingerprint(state)}".encode())
     return digest.hexdigest()
 
 

@@ -105,9 +105,9 @@ def train_generator(zoo: Zoo, out: Path, config: TrainConfig, device: torch.devi
     ddp, device = _init_distributed(device)
     names = [m.name for m in zoo.members]
     train_names, holdout_names = split_holdout(names, config.holdout, config.seed)
-    fingerprint = zoo_fingerprint(zoo)
-    _on_main_then_all(ddp, lambda: _prepare_output(out, resume, force, fingerprint, config))
     states = {m.name: zoo.load(m) for m in zoo.members}
+    fingerprint = zoo_fingerprint(zoo, [states[n] for n in names])
+    _on_main_then_all(ddp, lambda: _prepare_output(out, resume, force, fingerprint, config))
     space = fit_space(config.space, [states[n] for n in train_names], config.components, device)
     data = space.encode([states[n] for n in train_names]).float()
     held = space.encode([states[n] for n in holdout_names]).float() if holdout_names else None

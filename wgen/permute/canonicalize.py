@@ -118,7 +118,7 @@ def canonicalize(zoo: Zoo, out: Path, options: CanonOptions, device: torch.devic
         "format": "wgen.canonicalize/1", "wgen_version": __version__, "method": options.method,
         "template": options.template, "template_index": template_index, "restarts": options.restarts,
         "seed": options.seed, "device": str(device), "source": str(zoo.root),
-        "source_fingerprint": zoo_fingerprint(zoo), "architecture": zoo.spec.architecture,
+        "source_fingerprint": zoo_fingerprint(zoo, states), "architecture": zoo.spec.architecture,
         "groups": {**spec.summary(),
                    "plain": [{"name": g.name, "size": g.size, "axes": len(g.axes), "blocks": g.blocks}
                              for g in spec.groups],
