@@ -14,7 +14,7 @@ import torch
 from wgen.checkpoints import open_zoo
 from wgen.data import SplitSpec, load_data
 from wgen.evaluate import accuracy
-from wgen.zoo import Recipe, plan_zoo, train_zoo
+from wgen.zoo import NORMALIZED_DECAY, Recipe, feeds_batchnorm, plan_zoo, train_zoo
 
 from conftest import snapshot, write_test_member
 
@@ -122,6 +122,7 @@ def test_foreign_output_folder_is_refused(tmp_path: Path, run_cli) -> None:
      "num_classes comes from the dataset, not --model-args"),
     (("-a", "test_resnet", "-d", "digits", "--model-args", '{"bogus": 1}'), "timm cannot build test_resnet"),
     (("-a", "test_resnet", "-d", "digits", "--optimizer", "lion"), "unknown optimizer 'lion'"),
+    (("-a", "test_resnet", "-d", "digits", "--normalized-decay", "-1"), "weight decay must be >= 0"),
     (("-a", "test_vit", "-d", "digits", "--img-size", "32"), "test_vit takes a fixed input size (160, 160), not --img-size 32"),
     (("-a", "test_resnet", "-d", "digits", "--init", "/nonexistent/ckpt"), "/nonexistent/ckpt: no such file or folder"),
 ])
@@ -152,7 +153,19 @@ def test_init_fine_tunes_from_one_checkpoint(tmp_path: Path, run_cli) -> None:
         assert torch.allclose(tuned["conv1.0.weight"], start["conv1.0.weight"], atol=1e-4)
     a, b = weights(out / "member-000"), weights(out / "member-001")
     assert not torch.equal(a["conv1.0.weight"], b["conv1.0.weight"])  # other data orders
+    recipe = json.loads((out / "zoo.json").read_text())["recipe"]
     assert json.loads((out / "zoo.json").read_text())["init_fingerprint"]
+    assert recipe["normalized_decay"] == recipe["weight_decay"] == 0.05  # fine-tuning keeps the init's scale
+
+
+def test_strong_decay_goes_to_the_weights_batchnorm_normalizes() -> None:
+    model = timm.create_model("test_resnet", num_classes=10)
+    normalized = {name for name, p in model.named_parameters() if id(p) in feeds_batchnorm(model, (3, 32, 32))}
+    convs = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert normalized == convs  # every conv feeds a BatchNorm; the classifier does not
+    vit = timm.create_model("test_vit", num_classes=10, img_size=32, patch_size=8)
+    assert not feeds_batchnorm(vit, (3, 32, 32))
+    assert plan_zoo(Recipe("test_resnet", "digits")).recipe.normalized_decay == NORMALIZED_DECAY
 
 
 def test_init_with_another_class_count_gets_a_fresh_head(tmp_path: Path) -> None:

@@ -70,6 +70,8 @@ def zoo(
     batch_size: Annotated[int, typer.Option(help="training batch size")] = 64,
     optimizer: Annotated[str, typer.Option(help="adamw | sgd | adam")] = "adamw",
     weight_decay: Annotated[float, typer.Option(help="weight decay (not applied to norms and biases)")] = 0.05,
+    normalized_decay: Annotated[Optional[float], typer.Option(
+        help="decay of weights feeding a BatchNorm (default 30; --weight-decay with --init)")] = None,
     warmup_epochs: Annotated[float, typer.Option(help="linear warm-up before the cosine decay")] = 1.0,
     label_smoothing: Annotated[float, typer.Option(help="label smoothing of the loss")] = 0.0,
     init: Annotated[Optional[Path], typer.Option(help="fine-tune every member from this checkpoint")] = None,
@@ -86,8 +88,8 @@ def zoo(
 
     with user_errors():
         recipe = Recipe(arch, data, parse_model_args(model_args), img_size, SplitSpec(split_seed), seed_start,
-                        epochs, lr, batch_size, optimizer, weight_decay, warmup_epochs, label_smoothing,
-                        str(init) if init else None)
+                        epochs, lr, batch_size, optimizer, weight_decay, normalized_decay, warmup_epochs,
+                        label_smoothing, str(init) if init else None)
         shard_spec = parse_shard(shard)
         torch_device = resolve_device(device)
         plan = plan_zoo(recipe)
@@ -335,9 +337,9 @@ def sample(
     generator_path: Annotated[Path, typer.Argument(metavar="GEN", help="generator folder from wgen train")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder for the samples")],
     count: Annotated[int, typer.Option("--count", "-n", help="number of samples")] = 100,
-    solver: Annotated[str, typer.Option(help="euler | midpoint | rk4 (fixed steps) | dopri5 (adaptive)")] = "midpoint",
-    steps: Annotated[int, typer.Option(help="integration steps of fixed-step solvers")] = 20,
-    batch_size: Annotated[int, typer.Option(help="samples integrated together")] = 50,
+    solver: Annotated[str, typer.Option(help="euler | midpoint | rk4 (fixed steps) | dopri5 (adaptive)")] = "rk4",
+    steps: Annotated[int, typer.Option(help="integration steps of fixed-step solvers")] = 5,
+    batch_size: Annotated[int, typer.Option(help="samples decoded and written together (bounds memory)")] = 50,
     seed: Annotated[int, typer.Option(help="sample i starts from noise seeded SEED * 1e6 + i")] = 0,
     calibrate: Annotated[Optional[str], typer.Option(help="re-estimate BatchNorm statistics on this data's train split")] = None,
     device: DeviceOption = "auto",
