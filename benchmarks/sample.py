@@ -3,7 +3,9 @@
 Prints JSON with the device, versions and:
 - ``speed``: seconds to sample and write N=200 members with wgen (integration, decoding, the
   finiteness check, config.json, sha256), and the I/O floor measured in the same run: a plain
-  ``safetensors.torch.save_file`` of 200 state dicts of the same architecture, already in memory;
+  ``safetensors.torch.save_file`` of 200 state dicts of the same architecture, already in memory.
+  Both are timed in alternating rounds (write-back of earlier rounds makes one run noisy) and their
+  medians compared;
 - ``memory``: peak resident memory of a sampling process at N=50 and N=500 (flat means streaming).
 
 The generator is trained on the spot from a small random zoo unless ``--generator`` is given
@@ -17,11 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import safetensors.torch
 import timm
@@ -30,7 +35,7 @@ import torch
 import wgen
 from wgen.checkpoints import ModelSpec, member_config, open_zoo, write_member
 from wgen.flow.nets import NetConfig
-from wgen.flow.sample import SampleOptions, load_generator, sample
+from wgen.flow.sample import Generator, SampleOptions, load_generator, sample
 from wgen.flow.train import TrainConfig, train_generator
 from wgen.runtime import resolve_device
 
@@ -50,28 +55,50 @@ def quick_generator(arch: str, root: Path, device: torch.device) -> Path:
     return root / "gen"
 
 
-def time_sampling(generator_path: Path, count: int, device: torch.device, root: Path) -> float:
-    generator = load_generator(generator_path, device)
+def time_sampling(generator: Generator, count: int, device: torch.device, out: Path) -> float:
+    """Seconds for wgen to sample and write ``count`` members into ``out``."""
     start = time.perf_counter()
-    sample(generator, root / f"samples-{count}", SampleOptions(count=count, batch_size=50), device)
+    sample(generator, out, SampleOptions(count=count, batch_size=50), device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
-def io_floor(generator_path: Path, count: int, root: Path) -> float:
-    """Seconds for a plain safetensors save of ``count`` state dicts of the architecture."""
-    spec = load_generator(generator_path).spec
+def floor_states(generator: Generator, count: int) -> list[dict[str, torch.Tensor]]:
+    """Return ``count`` freshly initialised state dicts of the generator's architecture, in memory."""
     states = []
     for seed in range(count):
         torch.manual_seed(seed)
-        states.append({k: v.contiguous() for k, v in spec.create().state_dict().items()})
-    folder = root / "floor"
-    folder.mkdir()
+        states.append({k: v.contiguous() for k, v in generator.spec.create().state_dict().items()})
+    return states
+
+
+def time_floor(states: list[dict[str, torch.Tensor]], out: Path) -> float:
+    """Seconds for a plain safetensors save of ``states`` into ``out``: the I/O floor."""
+    out.mkdir()
     start = time.perf_counter()
     for i, state in enumerate(states):
-        safetensors.torch.save_file(state, str(folder / f"{i:03d}.safetensors"))
+        safetensors.torch.save_file(state, str(out / f"{i:03d}.safetensors"))
     return time.perf_counter() - start
+
+
+def speed(generator_path: Path, count: int, device: torch.device, root: Path, rounds: int) -> dict[str, Any]:
+    """Time wgen and the floor in alternating rounds (disk write-back makes single runs noisy); medians compared."""
+    generator = load_generator(generator_path, device)
+    states = floor_states(generator, count)
+    time_sampling(generator, 10, device, root / "warm-up")  # imports, kernels, page cache
+    wgen_seconds, floor_seconds = [], []
+    for r in range(rounds):
+        pair = [lambda: wgen_seconds.append(time_sampling(generator, count, device, root / f"wgen-{r}")),
+                lambda: floor_seconds.append(time_floor(states, root / f"floor-{r}"))]
+        for measure in (pair if r % 2 == 0 else pair[::-1]):
+            measure()
+        shutil.rmtree(root / f"wgen-{r}")
+        shutil.rmtree(root / f"floor-{r}")
+    wgen_median, floor_median = statistics.median(wgen_seconds), statistics.median(floor_seconds)
+    return {"count": count, "rounds": rounds, "wgen_seconds": wgen_seconds, "io_floor_seconds": floor_seconds,
+            "wgen_median": wgen_median, "io_floor_median": floor_median,
+            "ratio_to_floor": wgen_median / floor_median, "target_ratio": 1.5}
 
 
 def peak_memory_mib(generator_path: Path, count: int, device: str, root: Path) -> float:
@@ -79,7 +106,7 @@ def peak_memory_mib(generator_path: Path, count: int, device: str, root: Path) -
     code = (
         "import resource, sys, torch\n"
         "from pathlib import Path\n"
-        "from wgen.flow.sample import SampleOptions, load_generator, sample\n"
+        "from wgen.flow.sample import Generator, SampleOptions, load_generator, sample\n"
         f"device = torch.device({device!r})\n"
         f"sample(load_generator({str(generator_path)!r}, device), Path({str(root / f'mem-{count}')!r}), "
         f"SampleOptions(count={count}, batch_size=50), device)\n"
@@ -95,14 +122,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--generator", type=Path)
     parser.add_argument("--count", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         generator = args.generator or quick_generator(args.arch, root, device)
-        time_sampling(generator, 10, device, root)  # warm-up: imports, kernels, page cache
-        seconds = time_sampling(generator, args.count, device, root)
-        floor = io_floor(generator, args.count, root)
+        result_speed = speed(generator, args.count, device, root, args.rounds)
         memory = {str(n): peak_memory_mib(generator, n, str(device), root) for n in (50, 500)}
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
         result = {
@@ -110,8 +136,7 @@ def main() -> None:
             "machine": platform.processor() or platform.machine(),
             "versions": {"wgen": wgen.__version__, "torch": torch.__version__, "timm": timm.__version__},
             "architecture": load_generator(generator).spec.architecture,
-            "speed": {"count": args.count, "wgen_seconds": seconds, "io_floor_seconds": floor,
-                      "ratio_to_floor": seconds / floor, "target_ratio": 1.5},
+            "speed": result_speed,
             "memory": {"peak_rss_mib": memory, "ratio_500_to_50": memory["500"] / memory["50"]},
         }
     print(json.dumps(result, indent=2))

@@ -16,8 +16,9 @@ import torch
 from wgen.checkpoints import open_zoo
 from wgen.flow.nets import NetConfig, VelocityMLP
 from wgen.flow.sample import SampleOptions, integrate, load_generator, sample
-from wgen.flow.space import FULL_SPACE_MAX_DIM, Layout, fit_space
+from wgen.flow.space import FULL_SPACE_MAX_DIM, Layout, Slot, fit_space
 from wgen.flow.train import TrainConfig, train_generator
+from wgen.flow.writer import PackedLayout
 
 from conftest import TINY, make_state, make_zoo, snapshot
 
@@ -38,6 +39,28 @@ def test_layout_round_trip_keeps_variances_positive_and_restores_integer_buffers
     noisy = layout.unflatten(vector + torch.randn_like(vector))
     assert all(bool((noisy[k] > 0).all()) for k in noisy if k.endswith("running_var"))
     assert noisy["bn1.num_batches_tracked"].dtype == torch.int64
+
+
+@pytest.mark.parametrize("order", ["sorted", "state dict"])
+def test_packed_rows_are_the_bytes_safetensors_writes(order: str) -> None:
+    state = make_state()
+    state["bn1.num_batches_tracked"] = torch.tensor(1234)
+    layout = Layout.from_state(state)
+    if order == "state dict":  # the layout order of wgen 0.1 generators
+        offsets = [0]
+        keys = [k for k in state if state[k].is_floating_point()]
+        for key in keys:
+            offsets.append(offsets[-1] + state[key].numel())
+        layout = Layout([Slot(k, tuple(state[k].shape), o, k.endswith("running_var")) for k, o in zip(keys, offsets)],
+                        layout.fixed)
+    vectors = torch.stack([layout.flatten(state), layout.flatten(make_state(seed=1))]) + torch.randn(2, layout.dim)
+    vectors[1, 0] = float("inf")
+    packed = PackedLayout(layout)
+    values, finite = packed.pack(vectors.clone())
+    assert finite.tolist() == [True, False]
+    expected = safetensors.torch.save(layout.unflatten(vectors[0]), metadata={"format": "pt"})
+    assert b"".join(bytes(chunk) for chunk in packed.file_chunks(values[0])) == expected
+    assert all(torch.equal(packed.state(values[0])[k], v) for k, v in safetensors.torch.load(expected).items())
 
 
 @pytest.mark.parametrize("kind", ["full", "pca"])
@@ -85,7 +108,7 @@ def test_train_and_sample_write_loadable_members(zoo5: Path, tmp_path: Path, run
     # every sample loads in timm and computes what the in-memory sampled weights compute
     generator = load_generator(gen)
     noise = torch.randn(generator.space.dim, generator=torch.Generator().manual_seed(3))[None]
-    state = generator.space.decode(integrate(generator.net, noise, "midpoint", 20))[0]
+    state = generator.space.decode(integrate(generator.net, noise, "rk4", 5))[0]
     reference = TINY.create().eval()
     reference.load_state_dict(state)
     loaded = timm.create_model(f"local-dir:{samples / 'sample-003'}", pretrained=True).eval()

@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -484,12 +484,30 @@ def write_member(path: Path, state_dict: StateDict, config: dict[str, Any]) -> d
     Returns the sha256 of each file written, hashed from the bytes as they were written.
     """
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    files = {WEIGHTS_NAME: safetensors.torch.save(tensors, metadata={"format": "pt"}),
-             CONFIG_NAME: (json.dumps(config, indent=2) + "\n").encode()}
+    return write_member_files(path, {WEIGHTS_NAME: [safetensors.torch.save(tensors, metadata={"format": "pt"})],
+                                     CONFIG_NAME: [config_bytes(config)]})
+
+
+def write_member_files(path: Path, files: dict[str, Sequence[bytes | memoryview]]) -> dict[str, str]:
+    """Write a member folder atomically at ``path``: each file given as the chunks of its bytes.
+
+    Returns the sha256 of each file, hashed from the chunks as they were written.
+    """
+    digests = {}
     with atomic_dir(path) as tmp:
-        for name, data in files.items():
-            (tmp / name).write_bytes(data)
-    return {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+        for name, chunks in files.items():
+            digest = hashlib.sha256()
+            with open(tmp / name, "wb") as handle:
+                for chunk in chunks:
+                    handle.write(chunk)
+                    digest.update(chunk)
+            digests[name] = digest.hexdigest()
+    return digests
+
+
+def config_bytes(config: dict[str, Any]) -> bytes:
+    """Return a member's ``config.json`` as written."""
+    return (json.dumps(config, indent=2) + "\n").encode()
 
 
 # --------------------------------------------------------------------------------------------

@@ -72,6 +72,7 @@ class VelocityMLP(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Return the velocity ``[B, dim]`` at points ``x`` ``[B, dim]`` and times ``t`` (``[B]``, or ``[1]`` for all)."""
         cond = self.time(t)
         h = self.inp(x) + cond
         for block in self.blocks:

@@ -1,8 +1,9 @@
 """Sampling: integrate the learned flow from noise, decode, check and write ready-to-use members.
 
 Sample ``i`` starts from noise drawn with seed ``seed * 1_000_000 + i``, so it is the same whatever
-the batch size, and a killed run resumes by skipping the samples already written. Samples are
-produced in batches and written as they come, so memory stays flat as N grows.
+the batch size, and a killed run resumes by skipping the samples already written. The flow is
+integrated for up to 512 samples at once (their coordinates are small); the decoded weights go
+``batch_size`` at a time and are written as they come, so memory stays flat as N grows.
 """
 
 from __future__ import annotations
@@ -20,17 +21,22 @@ import torch
 from torchdiffeq import odeint
 
 from .. import __version__
-from ..checkpoints import CONFIG_NAME, WEIGHTS_NAME, ModelSpec, atomic_write_json, member_config, read_json, write_member
+from ..checkpoints import (CONFIG_NAME, WEIGHTS_NAME, ModelSpec, atomic_write_json, config_bytes, member_config, read_json,
+                           write_member, write_member_files)
 from ..errors import WgenError
 from ..evaluate import stacked_forward
 from .nets import NetConfig, VelocityMLP
 from .space import WeightSpace, load_space
 from .train import GENERATOR_FORMAT, SPACE_NAME
+from .writer import PackedLayout
 
 MANIFEST_JSON = "manifest.json"
 RUN_JSON = ".sampling.json"  # options of an unfinished run, for resume
+ENTRIES_LOG = ".entries.jsonl"  # samples an unfinished run has written
 SOLVERS = ("euler", "midpoint", "rk4", "dopri5")
 SAMPLE_SEED_STRIDE = 1_000_000
+INTEGRATION_CHUNK = 512  # most samples integrated at once ...
+INTEGRATION_BYTES = 64 << 20  # ... and most bytes for one ODE state (decoding goes --batch-size at a time)
 
 
 @dataclass(frozen=True)
@@ -38,8 +44,8 @@ class SampleOptions:
     """How to sample: count, ODE solver and steps, batch size, seed, optional BN calibration data."""
 
     count: int = 100
-    solver: str = "midpoint"
-    steps: int = 20
+    solver: str = "rk4"  # 4 evaluations a step: 20 in all, as many as midpoint x 10 (see docs/benchmarks.md)
+    steps: int = 5
     batch_size: int = 50
     seed: int = 0
     calibrate: str | None = None
@@ -102,7 +108,7 @@ def load_generator(path: Path | str, device: torch.device | str = "cpu") -> Gene
 def integrate(net: VelocityMLP, x0: torch.Tensor, solver: str, steps: int) -> torch.Tensor:
     """Return the flow's end point at t=1 from ``x0`` at t=0 (fixed steps, or adaptive dopri5)."""
     def velocity(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return net(x, t.expand(len(x)))
+        return net(x, t.reshape(1))  # one time for the whole batch: its embedding is computed once
 
     times = torch.tensor([0.0, 1.0], device=x0.device)
     options = {"step_size": 1.0 / steps} if solver != "dopri5" else None
@@ -126,53 +132,23 @@ def sample(generator: Generator, out: Path, options: SampleOptions, device: torc
            **{k: v for k, v in asdict(options).items() if k != "batch_size"}}
     done = _prepare_output(out, run, force)
     started = time.perf_counter()
-    net = generator.net.to(device)
-    spec = generator.spec
-    model = spec.create(device).eval()
-    c = generator.config
-    input_size = tuple(c["input_size"])
-    check_x = torch.randn(4, *input_size, generator=torch.Generator().manual_seed(0)).to(device)
-    width = max(3, len(str(options.count - 1)))
-    entries: dict[int, dict[str, Any]] = {}
+    writer = _BatchWriter(generator, out, options, device, calibration)
+    entries = dict(done)
     progress.start(options.count, len(done))
     todo = [i for i in range(options.count) if i not in done]
-    for start in range(0, len(todo), options.batch_size):
-        batch = todo[start:start + options.batch_size]
-        noise = torch.stack([torch.randn(generator.space.dim, generator=torch.Generator().manual_seed(_seed(options, i)))
-                             for i in batch]).to(device)
-        coords = integrate(net, noise, options.solver, options.steps)
-        vectors = generator.space.vectors(coords.float())
-        finite = torch.isfinite(vectors).all(dim=1).tolist()
-        states = [generator.space.layout.unflatten(v) for v in vectors]
-        outputs_ok = [False] * len(states)
-        checkable = [s for s, ok in zip(states, finite) if ok]
-        if checkable:
-            outputs = stacked_forward(model, checkable, check_x)
-            flags = iter(bool(torch.isfinite(o).all()) for o in outputs)
-            outputs_ok = [next(flags) if ok else False for ok in finite]
-        for i, state, ok_w, ok_o in zip(batch, states, finite, outputs_ok):
-            name = f"sample-{i:0{width}d}"
-            entry = {"name": name, "index": i, "seed": _seed(options, i), "rejected": None}
-            if not ok_w or not ok_o:
-                entry["rejected"] = "non-finite weights" if not ok_w else "non-finite outputs"
-            else:
-                state = {k: v.detach().cpu() for k, v in state.items()}
-                if calibration is not None:
-                    state = _calibrate(spec, state, calibration, device)
-                config = member_config(spec, input_size, tuple(c["mean"]), tuple(c["std"]), {
-                    "kind": "sample", "index": i, "seed": entry["seed"], "generator": str(generator.path),
-                    "generator_fingerprint": generator.fingerprint, "solver": options.solver,
-                    "steps": options.steps, "calibrated_on": options.calibrate})
-                entry["files"] = write_member(out / name, state, config)
-            entries[i] = entry
-            _append_entry(out, entry)
-        progress.advance(len(batch))
-    for i, entry in done.items():
-        entries[i] = entry
+    with _EntryLog(out / ENTRIES_LOG) as log:
+        for chunk in _chunks(todo, _integration_chunk(generator.space.dim, options.batch_size)):
+            coords = writer.integrate(chunk)
+            for start in range(0, len(chunk), options.batch_size):
+                batch = chunk[start:start + options.batch_size]
+                for entry in writer.write(batch, coords[start:start + options.batch_size]):
+                    entries[entry["index"]] = entry
+                    log.write(entry)
+                progress.advance(len(batch))
     ordered = [entries[i] for i in range(options.count)]
     manifest = {
         "format": "wgen.samples/1", "wgen_version": __version__, "generator": str(generator.path.resolve()),
-        "generator_fingerprint": generator.fingerprint, **spec.to_json(), "count": options.count,
+        "generator_fingerprint": generator.fingerprint, **generator.spec.to_json(), "count": options.count,
         "seed": options.seed, "sample_seed_rule": f"seed * {SAMPLE_SEED_STRIDE} + index", "solver": options.solver,
         "steps": options.steps, "batch_size": options.batch_size, "calibrate": options.calibrate,
         "device": str(device), "rejected": sum(e["rejected"] is not None for e in ordered),
@@ -180,8 +156,90 @@ def sample(generator: Generator, out: Path, options: SampleOptions, device: torc
     }
     atomic_write_json(out / MANIFEST_JSON, manifest)
     (out / RUN_JSON).unlink(missing_ok=True)
-    (out / ".entries.jsonl").unlink(missing_ok=True)
+    (out / ENTRIES_LOG).unlink(missing_ok=True)
     return manifest
+
+
+class _BatchWriter:
+    """Integrates, packs, checks and writes the samples of one run, a batch at a time."""
+
+    def __init__(self, generator: Generator, out: Path, options: SampleOptions, device: torch.device,
+                 calibration: Any) -> None:
+        self.generator, self.out, self.options, self.device, self.calibration = generator, out, options, device, calibration
+        self.net = generator.net.to(device)
+        self.packed = PackedLayout(generator.space.layout)
+        self.model = generator.spec.create(device).eval()
+        self.input_size = tuple(generator.config["input_size"])
+        # one fixed random input: non-finite outputs of finite weights show on any
+        self.check_x = torch.randn(1, *self.input_size, generator=torch.Generator().manual_seed(0)).to(device)
+        self.width = max(3, len(str(options.count - 1)))
+
+    def write(self, indices: list[int], coords: torch.Tensor) -> list[dict[str, Any]]:
+        """Decode, check and write the samples ``indices`` at flow end points ``coords``; return their entries."""
+        values, finite = self.packed.pack(self.generator.space.vectors(coords))
+        finite = finite.tolist()
+        states = [self.packed.state(row) for row, ok in zip(values, finite) if ok]
+        outputs = stacked_forward(self.model, states, self.check_x) if states else torch.empty(0)
+        outputs_finite = iter(bool(torch.isfinite(o).all()) for o in outputs)
+        entries = []
+        for i, row, ok_w in zip(indices, values, finite):
+            entry = {"name": f"sample-{i:0{self.width}d}", "index": i, "seed": _seed(self.options, i), "rejected": None}
+            if not ok_w:
+                entry["rejected"] = "non-finite weights"
+            elif not next(outputs_finite):
+                entry["rejected"] = "non-finite outputs"
+            else:
+                entry["files"] = self._write_member(entry, row)
+            entries.append(entry)
+        return entries
+
+    def integrate(self, indices: list[int]) -> torch.Tensor:
+        """Return the flow's end points ``[len(indices), space.dim]`` for samples ``indices`` (on the device)."""
+        dim = self.generator.space.dim
+        noise = torch.stack([torch.randn(dim, generator=torch.Generator().manual_seed(_seed(self.options, i)))
+                             for i in indices]).to(self.device)
+        return integrate(self.net, noise, self.options.solver, self.options.steps).float()
+
+    def _write_member(self, entry: dict[str, Any], row: torch.Tensor) -> dict[str, str]:
+        g, c, options = self.generator, self.generator.config, self.options
+        config = member_config(g.spec, self.input_size, tuple(c["mean"]), tuple(c["std"]), {
+            "kind": "sample", "index": entry["index"], "seed": entry["seed"], "generator": str(g.path),
+            "generator_fingerprint": g.fingerprint, "solver": options.solver, "steps": options.steps,
+            "calibrated_on": options.calibrate})
+        if self.calibration is not None:
+            state = _calibrate(g.spec, self.packed.state(row), self.calibration, self.device)
+            return write_member(self.out / entry["name"], state, config)
+        return write_member_files(self.out / entry["name"], {WEIGHTS_NAME: self.packed.file_chunks(row),
+                                                             CONFIG_NAME: [config_bytes(config)]})
+
+
+def _chunks(items: list[int], size: int) -> list[list[int]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _integration_chunk(dim: int, batch_size: int) -> int:
+    """Samples integrated at once: many (large matrix products run faster) while the states stay small."""
+    return max(batch_size, min(INTEGRATION_CHUNK, INTEGRATION_BYTES // (4 * dim)))
+
+
+class _EntryLog:
+    """The append-only log of samples written by an unfinished run, read back on resume."""
+
+    def __init__(self, path: Path) -> None:
+        cut_off = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+        self._handle = open(path, "a")
+        if cut_off:  # a line cut off by a kill must not swallow the next one
+            self._handle.write("\n")
+
+    def write(self, entry: dict[str, Any]) -> None:
+        self._handle.write(json.dumps(entry) + "\n")
+        self._handle.flush()
+
+    def __enter__(self) -> _EntryLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.close()
 
 
 def _seed(options: SampleOptions, index: int) -> int:
@@ -206,16 +264,9 @@ def _prepare_output(out: Path, run: dict[str, Any], force: bool) -> dict[int, di
     return {}
 
 
-def _append_entry(out: Path, entry: dict[str, Any]) -> None:
-    log = out / ".entries.jsonl"
-    cut_off = log.is_file() and log.stat().st_size > 0 and not log.read_bytes().endswith(b"\n")
-    with open(log, "a") as handle:  # a line cut off by a kill must not swallow the next one
-        handle.write(("\n" if cut_off else "") + json.dumps(entry) + "\n")
-
-
 def _written_entries(out: Path) -> dict[int, dict[str, Any]]:
     entries: dict[int, dict[str, Any]] = {}
-    log = out / ".entries.jsonl"
+    log = out / ENTRIES_LOG
     if log.is_file():
         for line in log.read_text().splitlines():
             try:

@@ -59,9 +59,13 @@ class Layout:
 
     @classmethod
     def from_state(cls, state: StateDict) -> Layout:
-        """Return the layout of ``state``: its float tensors in key order, its integer buffers fixed."""
+        """Return the layout of ``state``: its float tensors sorted by name, its integer buffers fixed.
+
+        Sorted by name is the order ``safetensors`` stores them in, so a decoded vector is already
+        the data of a sample's file (see ``writer.PackedLayout``).
+        """
         slots, fixed, offset = [], {}, 0
-        for key, value in state.items():
+        for key, value in sorted(state.items()):
             if value.is_floating_point():
                 slot = Slot(key, tuple(value.shape), offset, key.endswith("running_var"))
                 slots.append(slot)
@@ -132,7 +136,9 @@ class WeightSpace:
     def vectors(self, coords: torch.Tensor) -> torch.Tensor:
         """Return the raw ``[N, layout.dim]`` vectors (``Layout.flatten`` form) of ``[N, dim]`` coordinates."""
         normalized = self.to_normalized(coords)
-        return normalized * self.scale.to(coords.device) + self.mean.to(coords.device)
+        if normalized is coords:
+            normalized = coords.clone()
+        return normalized.mul_(self.scale.to(coords.device)).add_(self.mean.to(coords.device))
 
     def to_normalized(self, coords: torch.Tensor) -> torch.Tensor:
         """Return the normalised vectors ``[N, layout.dim]`` of coordinates."""
