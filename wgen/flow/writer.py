@@ -38,7 +38,10 @@ class PackedLayout:
                 raise ValueError(f"{slot.key}: unexpected safetensors placement {header[slot.key]}")
             destination[slot.offset:slot.offset + slot.size] = torch.arange(slot.size) + begin // _F32
         first = int(destination.min())
-        self._order = None if torch.equal(destination, torch.arange(first, first + layout.dim)) else \
+        in_file_order = torch.arange(first, first + layout.dim)
+        if not torch.equal(destination.sort().values, in_file_order):  # never seen: safetensors groups by dtype
+            raise ValueError("the float tensors are not one block of the safetensors file")
+        self._order = None if torch.equal(destination, in_file_order) else \
             destination.argsort()  # the vector index of each file value
         region = (data_start + first * _F32, data_start + (first + layout.dim) * _F32)
         self._before, self._after = blob[:region[0]], blob[region[1]:]  # header and integer buffers
@@ -59,7 +62,7 @@ class PackedLayout:
         return values.to("cpu", torch.float32).contiguous(), finite
 
     def state(self, values: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Return the state dict of one packed row (views into it, not copies)."""
+        """Return the state dict of one packed row (views into it when the layout is in file order)."""
         vector = values if self._order is None else torch.empty_like(values).index_copy_(0, self._order, values)
         state = {slot.key: vector[slot.offset:slot.offset + slot.size].view(slot.shape) for slot in self.layout.slots}
         state.update({key: value.clone() for key, value in self.layout.fixed.items()})
