@@ -58,7 +58,7 @@ def quick_generator(arch: str, root: Path, device: torch.device) -> Path:
 def time_sampling(generator: Generator, count: int, device: torch.device, out: Path) -> float:
     """Seconds for wgen to sample and write ``count`` members into ``out``."""
     start = time.perf_counter()
-    sample(generator, out, SampleOptions(count=count, batch_size=50), device)
+    sample(generator, out, SampleOptions(count=count, batch_size=50, min_radius=0.0), device)  # write all N
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
@@ -109,7 +109,7 @@ def peak_memory_mib(generator_path: Path, count: int, device: str, root: Path) -
         "from wgen.flow.sample import Generator, SampleOptions, load_generator, sample\n"
         f"device = torch.device({device!r})\n"
         f"sample(load_generator({str(generator_path)!r}, device), Path({str(root / f'mem-{count}')!r}), "
-        f"SampleOptions(count={count}, batch_size=50), device)\n"
+        f"SampleOptions(count={count}, batch_size=50, min_radius=0.0), device)\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -75,7 +75,7 @@ def chain(tmp_path_factory) -> dict[str, Path]:
         ["canonicalize", str(root / "zoo"), "-o", str(root / "canon")],
         ["train", str(root / "canon"), "-o", str(root / "gen"), "--steps", "60", "--width", "32", "--depth", "1",
          "--holdout", "0.25"],
-        ["sample", str(root / "gen"), "-n", "6", "-o", str(root / "samples")],
+        ["sample", str(root / "gen"), "-n", "6", "-o", str(root / "samples"), "--min-radius", "0"],
     ]
     for args in steps:
         result = runner.invoke(app, args, catch_exceptions=False)
@@ -132,7 +132,7 @@ def test_eval_with_a_mismatching_zoo(chain: dict[str, Path], tmp_path: Path, run
 def test_demo_runs_the_chain_and_resumes(tmp_path: Path) -> None:
     from wgen.demo import DemoSettings, run_demo
 
-    settings = DemoSettings(members=3, epochs=1, train_steps=40, samples=4)
+    settings = DemoSettings(members=3, epochs=1, train_steps=40, samples=4, min_radius=0.0)
     stages = []
     report = run_demo(tmp_path, torch.device("cpu"), settings, announce=lambda stage, command: stages.append(stage))
     assert stages == ["zoo", "canonicalize", "train", "sample", "eval"]

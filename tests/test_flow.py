@@ -77,6 +77,27 @@ def test_space_reconstructs_training_members(kind: str) -> None:
         assert torch.allclose(coords.std(dim=0), torch.ones(3), atol=1e-4)
 
 
+def test_pca_members_lie_on_one_sphere_and_projection_keeps_them() -> None:
+    states = [make_state(seed=i) for i in range(5)]
+    space = fit_space("pca", states, None, torch.device("cpu"))
+    coords = space.encode(states)
+    assert space.projects and space.radius == pytest.approx(4 / 5 ** 0.5, rel=1e-4)  # (N - 1) / sqrt(N)
+    assert torch.allclose(coords.norm(dim=1), torch.full((5,), space.radius), rtol=1e-4)
+    assert torch.allclose(space.project(coords), coords, atol=1e-5)
+    inside = 0.3 * coords[:2] + torch.tensor([[0.1, 0.0, 0.0, 0.0], [0.0, 0.0, 0.2, 0.0]])
+    moved = space.project(inside)
+    assert torch.allclose(moved.norm(dim=1), torch.full((2,), space.radius), rtol=1e-5)
+    assert torch.allclose(moved / moved.norm(dim=1, keepdim=True), inside / inside.norm(dim=1, keepdim=True), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind, components", [("pca", 2), ("full", None)])
+def test_spaces_without_a_common_member_norm_do_not_project(kind: str, components: int | None) -> None:
+    states = [make_state(seed=i) for i in range(5)]
+    space = fit_space(kind, states, components, torch.device("cpu"))
+    points = torch.randn(3, space.dim)
+    assert not space.projects and torch.equal(space.project(points), points)
+
+
 def test_auto_space_rule() -> None:
     states = [make_state(seed=i) for i in range(3)]
     assert Layout.from_state(states[0]).dim > FULL_SPACE_MAX_DIM
@@ -98,7 +119,7 @@ def test_train_and_sample_write_loadable_members(zoo5: Path, tmp_path: Path, run
     assert len(config["members"]["holdout"]) == 1 and len(config["members"]["train"]) == 4
     assert json.loads(run_cli("info", gen, "--json").stdout)["kind"] == "generator"
 
-    result = run_cli("sample", gen, "-n", "5", "-o", samples, "--batch-size", "2", "--json")
+    result = run_cli("sample", gen, "-n", "5", "-o", samples, "--batch-size", "2", "--min-radius", "0", "--json")
     assert result.exit_code == 0, result.output
     manifest = json.loads((samples / "manifest.json").read_text())
     assert manifest["rejected"] == 0 and [s["seed"] for s in manifest["samples"]] == [0, 1, 2, 3, 4]
@@ -108,7 +129,7 @@ def test_train_and_sample_write_loadable_members(zoo5: Path, tmp_path: Path, run
     # every sample loads in timm and computes what the in-memory sampled weights compute
     generator = load_generator(gen)
     noise = torch.randn(generator.space.dim, generator=torch.Generator().manual_seed(3))[None]
-    state = generator.space.decode(integrate(generator.net, noise, "rk4", 5))[0]
+    state = generator.space.decode(generator.space.project(integrate(generator.net, noise, "rk4", 5)))[0]
     reference = TINY.create().eval()
     reference.load_state_dict(state)
     loaded = timm.create_model(f"local-dir:{samples / 'sample-003'}", pretrained=True).eval()
@@ -169,15 +190,43 @@ def generator_dir(zoo5: Path, tmp_path: Path) -> Path:
 def test_samples_do_not_depend_on_batch_size_and_solvers_run(generator_dir: Path, tmp_path: Path) -> None:
     generator = load_generator(generator_dir)
     cpu = torch.device("cpu")
-    sample(generator, tmp_path / "a", SampleOptions(count=3, batch_size=1), cpu)
-    sample(generator, tmp_path / "b", SampleOptions(count=3, batch_size=3), cpu)
+    sample(generator, tmp_path / "a", SampleOptions(count=3, batch_size=1, min_radius=0), cpu)
+    sample(generator, tmp_path / "b", SampleOptions(count=3, batch_size=3, min_radius=0), cpu)
     for i in range(3):
         a = safetensors.torch.load_file(str(tmp_path / "a" / f"sample-00{i}" / "model.safetensors"))
         b = safetensors.torch.load_file(str(tmp_path / "b" / f"sample-00{i}" / "model.safetensors"))
         assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
     for solver in ("euler", "rk4", "dopri5"):
-        manifest = sample(generator, tmp_path / solver, SampleOptions(count=2, solver=solver, steps=4), cpu)
+        manifest = sample(generator, tmp_path / solver, SampleOptions(count=2, solver=solver, steps=4, min_radius=0), cpu)
         assert manifest["rejected"] == 0 and manifest["solver"] == solver
+
+
+def test_sampling_projects_end_points_unless_told_not_to(generator_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    generator = load_generator(generator_dir)
+    seen = []
+    real = generator.space.vectors
+    monkeypatch.setattr(generator.space, "vectors", lambda coords: seen.append(coords.clone()) or real(coords))
+    cpu = torch.device("cpu")
+    projected = sample(generator, tmp_path / "p", SampleOptions(count=3), cpu)
+    free = sample(generator, tmp_path / "f", SampleOptions(count=3, project=False), cpu)
+    assert projected["projected"] and not free["projected"]
+    assert torch.allclose(seen[0].norm(dim=1), torch.full((3,), generator.space.radius), rtol=1e-5)
+    assert torch.allclose(seen[0], generator.space.project(seen[1]), atol=1e-6)
+    assert json.loads((tmp_path / "p" / "sample-000" / "config.json").read_text())["wgen"]["projected"] is True
+
+
+def test_blends_of_members_are_rejected_not_written(generator_dir: Path, tmp_path: Path, run_cli) -> None:
+    result = run_cli("sample", generator_dir, "-n", "4", "-o", tmp_path / "s", "--min-radius", "0.99")
+    assert result.exit_code == 0, result.output
+    entries = json.loads((tmp_path / "s" / "manifest.json").read_text())["samples"]
+    blends = [e for e in entries if e["radius"] < 0.99]
+    assert blends, "a 20-step generator ends inside the members' sphere"
+    for entry in entries:
+        written = (tmp_path / "s" / entry["name"]).exists()
+        assert written == (entry["radius"] >= 0.99)
+        if not written:
+            assert entry["rejected"] == f"a blend of members (radius {entry['radius']:.2f} < --min-radius 0.99)"
+    assert f"{len(blends)} rejected ({len(blends)} a blend of members)" in " ".join(result.stdout.split())
 
 
 def test_killed_sampling_resumes(generator_dir: Path, tmp_path: Path) -> None:
@@ -189,7 +238,7 @@ def test_killed_sampling_resumes(generator_dir: Path, tmp_path: Path) -> None:
         def advance(self, count):
             raise KeyboardInterrupt
 
-    options = SampleOptions(count=4, batch_size=2)
+    options = SampleOptions(count=4, batch_size=2, min_radius=0)
     with pytest.raises(KeyboardInterrupt):
         sample(generator, out, options, torch.device("cpu"), progress=Kill())
     first = snapshot(out / "sample-000")
@@ -208,7 +257,7 @@ def test_non_finite_samples_are_flagged_not_kept(generator_dir: Path, tmp_path: 
         return vectors
 
     monkeypatch.setattr(generator.space, "vectors", poisoned)
-    manifest = sample(generator, tmp_path / "s", SampleOptions(count=3, batch_size=3), torch.device("cpu"))
+    manifest = sample(generator, tmp_path / "s", SampleOptions(count=3, batch_size=3, min_radius=0), torch.device("cpu"))
     assert manifest["rejected"] == 1
     assert manifest["samples"][1]["rejected"] == "non-finite weights"
     assert not (tmp_path / "s" / "sample-001").exists() and (tmp_path / "s" / "sample-002").exists()
@@ -229,7 +278,7 @@ def test_calibration_uses_the_train_split_only(tmp_path: Path, run_cli, monkeypa
         return real(self, split, *args, **kwargs)
 
     monkeypatch.setattr(SplitData, "batches", spy)
-    result = run_cli("sample", gen, "-n", "2", "-o", tmp_path / "s", "--calibrate", "digits")
+    result = run_cli("sample", gen, "-n", "2", "-o", tmp_path / "s", "--calibrate", "digits", "--min-radius", "0")
     assert result.exit_code == 0, result.output
     assert seen and set(seen) == {"train"}
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
@@ -239,6 +288,7 @@ def test_calibration_uses_the_train_split_only(tmp_path: Path, run_cli, monkeypa
 @pytest.mark.parametrize("args, message", [
     (("--solver", "leapfrog"), "unknown --solver 'leapfrog'"),
     (("-n", "0"), "-n and --batch-size must be at least 1"),
+    (("--min-radius", "1.5"), "--min-radius must be in [0, 1), got 1.5"),
 ])
 def test_bad_sample_options(generator_dir: Path, tmp_path: Path, run_cli, args, message) -> None:
     result = run_cli("sample", generator_dir, "-o", tmp_path / "s", *args)

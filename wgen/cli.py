@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -197,7 +198,8 @@ def info(
     if "samples" in report:
         m = report["samples"]
         rows.append(("sampling", f"{m['count']} asked, {m['rejected']} rejected; {m['solver']} x{m['steps']}, seed "
-                                 f"{m['seed']}" + (f", calibrated on {m['calibrate']}" if m["calibrate"] else "")))
+                                 f"{m['seed']}" + (", projected" if m.get("projected") else "")
+                                 + (f", calibrated on {m['calibrate']}" if m["calibrate"] else "")))
     if report["skipped"]:
         rows.append(("skipped", str(len(report["skipped"]))))
     rows.append(("fingerprint", report["fingerprint"][:16]))
@@ -271,7 +273,7 @@ def train(
     warmup_steps: Annotated[int, typer.Option(help="linear warm-up steps")] = 200,
     grad_clip: Annotated[float, typer.Option(help="gradient norm clip")] = 1.0,
     ema_decay: Annotated[float, typer.Option(help="EMA decay of the weights that are saved")] = 0.999,
-    time_sampling: Annotated[str, typer.Option(help="uniform | logit-normal")] = "logit-normal",
+    time_sampling: Annotated[str, typer.Option(help="uniform | logit-normal")] = "uniform",
     ot: Annotated[bool, typer.Option("--ot/--no-ot", help="minibatch optimal-transport coupling")] = True,
     holdout: Annotated[float, typer.Option(help="fraction of members kept out of training")] = 0.1,
     width: Annotated[int, typer.Option(help="velocity MLP width")] = 512,
@@ -342,6 +344,9 @@ def sample(
     batch_size: Annotated[int, typer.Option(help="samples decoded and written together (bounds memory)")] = 50,
     seed: Annotated[int, typer.Option(help="sample i starts from noise seeded SEED * 1e6 + i")] = 0,
     calibrate: Annotated[Optional[str], typer.Option(help="re-estimate BatchNorm statistics on this data's train split")] = None,
+    project: Annotated[bool, typer.Option(help="pca spaces: put end points back on the sphere the members lie on")] = True,
+    min_radius: Annotated[float, typer.Option(help="pca spaces: reject end points inside this fraction of that sphere "
+                                                   "(blends of members; 0 keeps all)")] = 0.8,
     device: DeviceOption = "auto",
     force: ForceOption = False,
     as_json: JsonOption = False,
@@ -354,15 +359,17 @@ def sample(
     with user_errors():
         torch_device = resolve_device(device)
         generator = load_generator(generator_path, torch_device)
-        options = SampleOptions(count, solver, steps, batch_size, seed, calibrate)
+        options = SampleOptions(count, solver, steps, batch_size, seed, calibrate, project, min_radius)
         with _CountBar("sampling", quiet=as_json) as bar:
             manifest = run(generator, out, options, torch_device, force, bar)
     if as_json:
         print(json.dumps({k: v for k, v in manifest.items() if k != "samples"}, indent=2))
         return
     kept = manifest["count"] - manifest["rejected"]
+    reasons = Counter(e["rejected"].split(" (")[0] for e in manifest["samples"] if e["rejected"])
     console.print(f"{kept} samples written to {out} ({manifest['solver']}, {manifest['steps']} steps) in "
-                  f"{manifest['seconds']:.1f}s; {manifest['rejected']} rejected (non-finite)")
+                  f"{manifest['seconds']:.1f}s; {manifest['rejected']} rejected"
+                  + (f" ({', '.join(f'{n} {reason}' for reason, n in reasons.items())})" if reasons else ""))
     if manifest["rejected"]:
         err_console.print(f"[yellow]{manifest['rejected']} samples were rejected; see {out}/manifest.json[/]")
 

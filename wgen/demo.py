@@ -29,6 +29,7 @@ class DemoSettings:
     train_batch: int = 128  # smaller than `wgen train` defaults, to stay within minutes on a CPU
     net_width: int = 256
     samples: int = 100
+    min_radius: float = SampleOptions.min_radius
 
 
 def run_demo(out: Path, device: torch.device, settings: DemoSettings = DemoSettings(),
@@ -60,8 +61,8 @@ def run_demo(out: Path, device: torch.device, settings: DemoSettings = DemoSetti
 
     announce("sample", f"wgen sample {gen_dir} -n {settings.samples} -o {samples_dir}")
     if not (samples_dir / MANIFEST_JSON).is_file():
-        sample(load_generator(gen_dir, device), samples_dir, SampleOptions(count=settings.samples), device,
-               progress=progress("sample"))
+        options = SampleOptions(count=settings.samples, min_radius=settings.min_radius)
+        sample(load_generator(gen_dir, device), samples_dir, options, device, progress=progress("sample"))
 
     report_json, report_png = out / "report.json", out / "report.png"
     announce("eval", f"wgen eval {samples_dir} --zoo {canon_dir} -d digits --out {report_json} --plot {report_png}")

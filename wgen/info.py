@@ -40,7 +40,7 @@ def describe(path: Path | str, arch: str | None = None, model_args: dict[str, An
                                 "count": len(values)}
     if description["kind"] == "samples":
         manifest = read_json(root / MANIFEST_JSON)
-        description["samples"] = {k: manifest.get(k) for k in ("count", "rejected", "solver", "steps", "seed",
+        description["samples"] = {k: manifest.get(k) for k in ("count", "rejected", "solver", "steps", "seed", "projected",
                                                                 "calibrate", "generator")}
     description["fingerprint"] = zoo_fingerprint(zoo)
     return description

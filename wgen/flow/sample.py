@@ -49,6 +49,8 @@ class SampleOptions:
     batch_size: int = 50
     seed: int = 0
     calibrate: str | None = None
+    project: bool = True  # pca spaces: end points back onto the training members' sphere (see space.py) ...
+    min_radius: float = 0.8  # ... after rejecting those inside this fraction of it: blends, not members
 
 
 class SampleProgress(Protocol):
@@ -127,6 +129,8 @@ def sample(generator: Generator, out: Path, options: SampleOptions, device: torc
         raise WgenError(f"unknown --solver {options.solver!r}", f"use one of {', '.join(SOLVERS)}")
     if options.steps < 1:
         raise WgenError("--steps must be at least 1", "e.g. --steps 20")
+    if not 0.0 <= options.min_radius < 1.0:
+        raise WgenError(f"--min-radius must be in [0, 1), got {options.min_radius}", "e.g. 0.8, or 0 to keep every blend")
     calibration = _calibration_data(generator, options.calibrate) if options.calibrate else None
     run = {"generator_fingerprint": generator.fingerprint,
            **{k: v for k, v in asdict(options).items() if k != "batch_size"}}
@@ -138,10 +142,10 @@ def sample(generator: Generator, out: Path, options: SampleOptions, device: torc
     todo = [i for i in range(options.count) if i not in done]
     with _EntryLog(out / ENTRIES_LOG) as log:
         for chunk in _chunks(todo, _integration_chunk(generator.space.dim, options.batch_size)):
-            coords = writer.integrate(chunk)
+            coords, radii = writer.integrate(chunk)
             for start in range(0, len(chunk), options.batch_size):
-                batch = chunk[start:start + options.batch_size]
-                for entry in writer.write(batch, coords[start:start + options.batch_size]):
+                batch, end = chunk[start:start + options.batch_size], start + options.batch_size
+                for entry in writer.write(batch, coords[start:end], radii[start:end]):
                     entries[entry["index"]] = entry
                     log.write(entry)
                 progress.advance(len(batch))
@@ -150,7 +154,8 @@ def sample(generator: Generator, out: Path, options: SampleOptions, device: torc
         "format": "wgen.samples/1", "wgen_version": __version__, "generator": str(generator.path.resolve()),
         "generator_fingerprint": generator.fingerprint, **generator.spec.to_json(), "count": options.count,
         "seed": options.seed, "sample_seed_rule": f"seed * {SAMPLE_SEED_STRIDE} + index", "solver": options.solver,
-        "steps": options.steps, "batch_size": options.batch_size, "calibrate": options.calibrate,
+        "steps": options.steps, "projected": writer.projects, "min_radius": options.min_radius if writer.projects else None,
+        "batch_size": options.batch_size, "calibrate": options.calibrate,
         "device": str(device), "rejected": sum(e["rejected"] is not None for e in ordered),
         "seconds": round(time.perf_counter() - started, 3), "samples": ordered,
     }
@@ -173,19 +178,28 @@ class _BatchWriter:
         # one fixed random input: non-finite outputs of finite weights show on any
         self.check_x = torch.randn(1, *self.input_size, generator=torch.Generator().manual_seed(0)).to(device)
         self.width = max(3, len(str(options.count - 1)))
+        self.projects = options.project and generator.space.projects
 
-    def write(self, indices: list[int], coords: torch.Tensor) -> list[dict[str, Any]]:
-        """Decode, check and write the samples ``indices`` at flow end points ``coords``; return their entries."""
+    def write(self, indices: list[int], coords: torch.Tensor, radii: list[float | None]) -> list[dict[str, Any]]:
+        """Decode, check and write the samples ``indices`` at flow end points ``coords``; return their entries.
+
+        ``radii`` are the end points' relative radii before projection (None where not projected).
+        """
         values, finite = self.packed.pack(self.generator.space.vectors(coords))
-        finite = finite.tolist()
-        states = [self.packed.state(row) for row, ok in zip(values, finite) if ok]
+        inside = [r is not None and r < self.options.min_radius for r in radii]
+        keep = [ok and not blend for ok, blend in zip(finite.tolist(), inside)]
+        states = [self.packed.state(row) for row, ok in zip(values, keep) if ok]
         outputs = stacked_forward(self.model, states, self.check_x) if states else torch.empty(0)
         outputs_finite = iter(bool(torch.isfinite(o).all()) for o in outputs)
         entries = []
-        for i, row, ok_w in zip(indices, values, finite):
+        for i, row, ok_w, blend, radius in zip(indices, values, finite.tolist(), inside, radii):
             entry = {"name": f"sample-{i:0{self.width}d}", "index": i, "seed": _seed(self.options, i), "rejected": None}
+            if radius is not None:
+                entry["radius"] = round(radius, 4)
             if not ok_w:
                 entry["rejected"] = "non-finite weights"
+            elif blend:
+                entry["rejected"] = f"a blend of members (radius {radius:.2f} < --min-radius {self.options.min_radius})"
             elif not next(outputs_finite):
                 entry["rejected"] = "non-finite outputs"
             else:
@@ -193,19 +207,24 @@ class _BatchWriter:
             entries.append(entry)
         return entries
 
-    def integrate(self, indices: list[int]) -> torch.Tensor:
-        """Return the flow's end points ``[len(indices), space.dim]`` for samples ``indices`` (on the device)."""
+    def integrate(self, indices: list[int]) -> tuple[torch.Tensor, list[float | None]]:
+        """Return the flow's end points ``[len(indices), space.dim]`` for samples ``indices`` (on the device),
+        projected when the space allows, and their relative radii before projection (None if not projected)."""
         dim = self.generator.space.dim
         noise = torch.stack([torch.randn(dim, generator=torch.Generator().manual_seed(_seed(self.options, i)))
                              for i in indices]).to(self.device)
-        return integrate(self.net, noise, self.options.solver, self.options.steps).float()
+        ends = integrate(self.net, noise, self.options.solver, self.options.steps).float()
+        if not self.projects:
+            return ends, [None] * len(indices)
+        radii = self.generator.space.relative_radius(ends).tolist()
+        return self.generator.space.project(ends), radii
 
     def _write_member(self, entry: dict[str, Any], row: torch.Tensor) -> dict[str, str]:
         g, c, options = self.generator, self.generator.config, self.options
         config = member_config(g.spec, self.input_size, tuple(c["mean"]), tuple(c["std"]), {
             "kind": "sample", "index": entry["index"], "seed": entry["seed"], "generator": str(g.path),
             "generator_fingerprint": g.fingerprint, "solver": options.solver, "steps": options.steps,
-            "calibrated_on": options.calibrate})
+            "projected": self.projects, "calibrated_on": options.calibrate})
         if self.calibration is not None:
             state = _calibrate(g.spec, self.packed.state(row), self.calibration, self.device)
             return write_member(self.out / entry["name"], state, config)

@@ -10,7 +10,10 @@ Two spaces implement :class:`WeightSpace`:
 
 - ``full``: the whole normalised vector (dimension = number of modelled values);
 - ``pca``: the first ``k`` principal components of the normalised training members
-  (``k <= members - 1``), each coefficient scaled to unit variance.
+  (``k <= members - 1``), each coefficient scaled to unit variance. With the default
+  ``k = members - 1`` every training member lies at the same distance from the zoo mean in these
+  coordinates (``(N - 1) / sqrt(N)`` for N members): the zoo is a sphere, and
+  :meth:`WeightSpace.project` puts a flow's end point back on it (see ``PCASpace.radius``).
 
 ``auto`` picks ``full`` up to :data:`FULL_SPACE_MAX_DIM` values, ``pca`` above: a velocity net on
 a full vector of a few hundred thousand values would be larger than the zoo itself.
@@ -144,6 +147,19 @@ class WeightSpace:
         """Return the normalised vectors ``[N, layout.dim]`` of coordinates."""
         raise NotImplementedError
 
+    @property
+    def projects(self) -> bool:
+        """Return whether :meth:`project` moves points (the space knows a set all training members lie on)."""
+        return False
+
+    def project(self, coords: torch.Tensor) -> torch.Tensor:
+        """Return ``coords`` moved onto the set every training member lies on (unchanged if the space knows none)."""
+        return coords
+
+    def relative_radius(self, coords: torch.Tensor) -> torch.Tensor:
+        """Return ``[N]``: each point's distance from the zoo mean over the training members' (1 on their set)."""
+        raise NotImplementedError(f"the {self.kind} space knows no set its members lie on")
+
     def decode(self, coords: torch.Tensor) -> list[StateDict]:
         """Return the state dicts of ``[N, dim]`` coordinates (on the coordinates' device)."""
         return [self.layout.unflatten(v) for v in self.vectors(coords)]
@@ -176,14 +192,22 @@ class FullSpace(WeightSpace):
 
 
 class PCASpace(WeightSpace):
-    """The first ``k`` principal components of the normalised zoo, scaled to unit variance."""
+    """The first ``k`` principal components of the normalised zoo, scaled to unit variance.
+
+    ``radius`` is the norm every training member has in these coordinates, or None when their norms
+    differ (``k < members - 1``). A flow's end point inside that sphere is a blend: of a member with
+    the zoo mean (a 50/50 blend of two members sits at 0.69 of the radius), where averaged weights
+    lose their function (the variance collapse of weight averaging). :meth:`relative_radius` measures
+    it; :meth:`project` rescales end points to ``radius``, which leaves every training member unchanged.
+    """
 
     kind = "pca"
 
     def __init__(self, layout: Layout, mean: torch.Tensor, scale: torch.Tensor, basis: torch.Tensor,
-                 coef_std: torch.Tensor) -> None:
+                 coef_std: torch.Tensor, radius: float | None = None) -> None:
         super().__init__(layout, mean, scale)
         self.basis, self.coef_std = basis, coef_std  # [k, values], [k]
+        self.radius = radius
 
     @property
     def dim(self) -> int:
@@ -194,6 +218,23 @@ class PCASpace(WeightSpace):
 
     def to_normalized(self, coords: torch.Tensor) -> torch.Tensor:
         return (coords * self.coef_std.to(coords.device)) @ self.basis.to(coords.device)
+
+    @property
+    def projects(self) -> bool:
+        return self.radius is not None
+
+    def project(self, coords: torch.Tensor) -> torch.Tensor:
+        if self.radius is None:
+            return coords
+        return coords / self.relative_radius(coords).clamp_min(_MIN_SCALE)[:, None]
+
+    def relative_radius(self, coords: torch.Tensor) -> torch.Tensor:
+        if self.radius is None:
+            return super().relative_radius(coords)
+        return coords.norm(dim=1) / self.radius
+
+    def to_json(self) -> dict[str, Any]:
+        return {**super().to_json(), "radius": self.radius}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {**super().tensors(), "basis": self.basis.cpu().contiguous(), "coef_std": self.coef_std.cpu().contiguous()}
@@ -227,7 +268,17 @@ def fit_space(kind: str, states: list[StateDict], components: int | None, device
                         "PCA on N members has at most N - 1 directions")
     basis, singular = _principal_directions(centred / scale, k)
     coef_std = (singular / (len(states) - 1) ** 0.5).clamp_min(_MIN_SCALE)
-    return PCASpace(layout, mean, scale, basis, coef_std)
+    space = PCASpace(layout, mean, scale, basis, coef_std)
+    space.radius = _common_norm((centred / scale) @ basis.T / coef_std)
+    return space
+
+
+def _common_norm(coords: torch.Tensor, tolerance: float = 1e-3) -> float | None:
+    """Return the norm all rows of ``coords`` share (to ``tolerance`` relative), else None."""
+    norms = coords.norm(dim=1)
+    if float(norms.max() - norms.min()) > tolerance * float(norms.mean()):
+        return None
+    return float(norms.mean())
 
 
 def _principal_directions(rows: torch.Tensor, k: int, chunk: int = 1 << 20) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,5 +308,6 @@ def load_space(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Weig
     if config["kind"] == "full":
         return FullSpace(layout, tensors["mean"], tensors["scale"])
     if config["kind"] == "pca":
-        return PCASpace(layout, tensors["mean"], tensors["scale"], tensors["basis"], tensors["coef_std"])
+        return PCASpace(layout, tensors["mean"], tensors["scale"], tensors["basis"], tensors["coef_std"],
+                        config.get("radius"))  # absent from wgen 0.1 generators: no projection
     raise WgenError(f"unknown weight space {config['kind']!r} in the generator", "re-train it with this wgen")
