@@ -4,8 +4,8 @@ Prints JSON with the device, versions and:
 - ``speed``: seconds to sample and write N=200 members with wgen (integration, decoding, the
   finiteness check, config.json, sha256), and the I/O floor measured in the same run: a plain
   ``safetensors.torch.save_file`` of 200 state dicts of the same architecture, already in memory.
-  Both are timed in alternating rounds (write-back of earlier rounds makes one run noisy) and their
-  medians compared;
+  Both are timed in alternating rounds, each after an ``os.sync()`` (write-back of the previous
+  segment would otherwise land in the next one), and their medians compared;
 - ``memory``: peak resident memory of a sampling process at N=50 and N=500 (flat means streaming).
 
 The generator is trained on the spot from a small random zoo unless ``--generator`` is given
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -92,6 +93,7 @@ def speed(generator_path: Path, count: int, device: torch.device, root: Path, ro
         pair = [lambda: wgen_seconds.append(time_sampling(generator, count, device, root / f"wgen-{r}")),
                 lambda: floor_seconds.append(time_floor(states, root / f"floor-{r}"))]
         for measure in (pair if r % 2 == 0 else pair[::-1]):
+            os.sync()  # start clean: the previous segment's write-back must not land in this one
             measure()
         shutil.rmtree(root / f"wgen-{r}")
         shutil.rmtree(root / f"floor-{r}")

@@ -10,6 +10,7 @@ by ``--arch`` or a folder-level ``config.json``. Torch files are only ever read 
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import hashlib
@@ -496,13 +497,25 @@ def write_member_files(path: Path, files: dict[str, Sequence[bytes | memoryview]
     digests = {}
     with atomic_dir(path) as tmp:
         for name, chunks in files.items():
-            digest = hashlib.sha256()
+            # hashing and writing both release the GIL: hash on a helper thread while the bytes are written
+            digest = _hasher().submit(_sha256, chunks)
             with open(tmp / name, "wb") as handle:
                 for chunk in chunks:
                     handle.write(chunk)
-                    digest.update(chunk)
-            digests[name] = digest.hexdigest()
+            digests[name] = digest.result()
     return digests
+
+
+@functools.lru_cache(maxsize=1)
+def _hasher() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="wgen-sha256")
+
+
+def _sha256(chunks: Sequence[bytes | memoryview]) -> str:
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 def config_bytes(config: dict[str, Any]) -> bytes:
