@@ -61,6 +61,9 @@ def test_packed_rows_are_the_bytes_safetensors_writes(order: str) -> None:
     expected = safetensors.torch.save(layout.unflatten(vectors[0]), metadata={"format": "pt"})
     assert b"".join(bytes(chunk) for chunk in packed.file_chunks(values[0])) == expected
     assert all(torch.equal(packed.state(values[0])[k], v) for k, v in safetensors.torch.load(expected).items())
+    stacked = packed.stacked(values)
+    for i in range(2):
+        assert all(torch.equal(stacked[k][i], v) for k, v in packed.state(values[i]).items())
 
 
 @pytest.mark.parametrize("kind", ["full", "pca"])
@@ -213,6 +216,24 @@ def test_sampling_projects_end_points_unless_told_not_to(generator_dir: Path, tm
     assert torch.allclose(seen[0].norm(dim=1), torch.full((3,), generator.space.radius), rtol=1e-5)
     assert torch.allclose(seen[0], generator.space.project(seen[1]), atol=1e-6)
     assert json.loads((tmp_path / "p" / "sample-000" / "config.json").read_text())["wgen"]["projected"] is True
+
+
+def test_samples_with_finite_weights_but_non_finite_outputs_are_flagged(generator_dir: Path, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    generator = load_generator(generator_dir)
+    real = generator.space.vectors
+
+    def overflowing(coords):
+        vectors = real(coords).clone()
+        for slot in generator.space.layout.slots:
+            if slot.key.endswith("weight") and not slot.log:
+                vectors[1, slot.offset:slot.offset + slot.size] = 1e20  # finite, but outputs overflow
+        return vectors
+
+    monkeypatch.setattr(generator.space, "vectors", overflowing)
+    manifest = sample(generator, tmp_path / "s", SampleOptions(count=3, min_radius=0), torch.device("cpu"))
+    assert [e["rejected"] for e in manifest["samples"]] == [None, "non-finite outputs", None]
+    assert not (tmp_path / "s" / "sample-001").exists() and (tmp_path / "s" / "sample-002").exists()
 
 
 def test_blends_of_members_are_rejected_not_written(generator_dir: Path, tmp_path: Path, run_cli) -> None:

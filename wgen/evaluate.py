@@ -64,16 +64,23 @@ def stacked_forward(model: torch.nn.Module, states: list[dict[str, torch.Tensor]
     All models run in one pass with ``torch.func.vmap`` over stacked weights; an architecture that
     cannot be vmapped falls back to one model at a time.
     """
+    return forward_stacked(model, {k: torch.stack([s[k] for s in states]).to(x.device) for k in states[0]}, x)
+
+
+def forward_stacked(model: torch.nn.Module, stacked: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Return the eval-mode outputs ``[models, batch, ...]`` of ``model`` under weights stacked along dim 0.
+
+    One ``torch.func.vmap`` pass; an architecture that cannot be vmapped runs one model at a time.
+    """
     from torch.func import functional_call, vmap
 
     model.eval()
-    stacked = {k: torch.stack([s[k] for s in states]).to(x.device) for k in states[0]}
     try:
         return vmap(lambda weights: functional_call(model, weights, (x,)))(stacked)
     except (RuntimeError, NotImplementedError, ValueError):
         outputs = []
-        for state in states:
-            model.load_state_dict(state)
+        for i in range(len(next(iter(stacked.values())))):
+            model.load_state_dict({k: v[i] for k, v in stacked.items()})
             outputs.append(model(x))
         return torch.stack(outputs)
 

@@ -24,7 +24,7 @@ from .. import __version__
 from ..checkpoints import (CONFIG_NAME, WEIGHTS_NAME, ModelSpec, atomic_write_json, config_bytes, member_config, read_json,
                            write_member, write_member_files)
 from ..errors import WgenError
-from ..evaluate import stacked_forward
+from ..evaluate import forward_stacked
 from .nets import NetConfig, VelocityMLP
 from .space import WeightSpace, load_space
 from .train import GENERATOR_FORMAT, SPACE_NAME
@@ -188,8 +188,12 @@ class _BatchWriter:
         values, finite = self.packed.pack(self.generator.space.vectors(coords))
         inside = [r is not None and r < self.options.min_radius for r in radii]
         keep = [ok and not blend for ok, blend in zip(finite.tolist(), inside)]
-        states = [self.packed.state(row) for row, ok in zip(values, keep) if ok]
-        outputs = stacked_forward(self.model, states, self.check_x) if states else torch.empty(0)
+        kept = [i for i, ok in enumerate(keep) if ok]
+        outputs = torch.empty(0)
+        if kept:
+            rows = values if len(kept) == len(values) else values[kept]
+            stacked = {k: v.to(self.device) for k, v in self.packed.stacked(rows).items()}
+            outputs = forward_stacked(self.model, stacked, self.check_x)
         outputs_finite = iter(bool(torch.isfinite(o).all()) for o in outputs)
         entries = []
         for i, row, ok_w, blend, radius in zip(indices, values, finite.tolist(), inside, radii):

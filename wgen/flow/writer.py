@@ -68,6 +68,15 @@ class PackedLayout:
         state.update({key: value.clone() for key, value in self.layout.fixed.items()})
         return state
 
+    def stacked(self, values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Return the state dicts of packed rows ``[N, dim]`` stacked: ``{name: [N, *shape]}``, views where possible."""
+        vectors = values if self._order is None else torch.empty_like(values).index_copy_(1, self._order, values)
+        n = len(values)
+        stacked = {slot.key: vectors[:, slot.offset:slot.offset + slot.size].view(n, *slot.shape)
+                   for slot in self.layout.slots}
+        stacked.update({key: value.expand(n, *value.shape) for key, value in self.layout.fixed.items()})
+        return stacked
+
     def file_chunks(self, values: torch.Tensor) -> list[bytes | memoryview]:
         """Return the ``model.safetensors`` bytes of one packed row, in chunks to write one after another."""
         if not self._little_endian:
