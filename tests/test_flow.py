@@ -152,7 +152,9 @@ def test_resumed_training_ends_bit_for_bit_where_an_uninterrupted_one_does(zoo5:
     train_generator(zoo, tmp_path / "whole", config, cpu)
     assert train_generator(zoo, tmp_path / "cut", config, cpu, stop_after=15) == {"stopped_at": 15}
     assert not (tmp_path / "cut" / "model.safetensors").exists()
+    first_segment = json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())["seconds"]
     train_generator(zoo, tmp_path / "cut", config, cpu, resume=True)
+    assert json.loads((tmp_path / "cut" / "config.json").read_text())["training"]["seconds"] >= round(first_segment, 2) > 0
     a = safetensors.torch.load_file(str(tmp_path / "whole" / "model.safetensors"))
     b = safetensors.torch.load_file(str(tmp_path / "cut" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

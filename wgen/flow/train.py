@@ -118,9 +118,9 @@ def train_generator(zoo: Zoo, out: Path, config: TrainConfig, device: torch.devi
     ema = [p.detach().clone() for p in net.parameters()]
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed * 1000 + ddp.rank)
-    step, history = 0, []
+    step, history, earlier_seconds = 0, [], 0.0
     if resume:
-        step, history = _load_checkpoint(out / CHECKPOINT_DIR, net, ema, optimizer, generator, ddp)
+        step, history, earlier_seconds = _load_checkpoint(out / CHECKPOINT_DIR, net, ema, optimizer, generator, ddp)
     model = torch.nn.parallel.DistributedDataParallel(net) if ddp.world > 1 else net
     val_noise = _validation_batch(held, config.seed)
     info = {"space": space.kind, "dim": space.dim, "net_parameters": parameter_count(net),
@@ -156,11 +156,12 @@ def train_generator(zoo: Zoo, out: Path, config: TrainConfig, device: torch.devi
             progress.update(step, loss.item(), val, _lr_at(step - 1, config))
         if step % config.checkpoint_every == 0 or step == config.steps or step == stop_after:
             _save_checkpoint(out / CHECKPOINT_DIR, net, ema, optimizer, generator, step, history, ddp,
-                             {"source_fingerprint": fingerprint, "config": config.to_json()})
+                             {"source_fingerprint": fingerprint, "config": config.to_json(),
+                              "seconds": earlier_seconds + time.perf_counter() - started})
         if stop_after is not None and step >= stop_after:
             _finish_distributed(ddp)
             return {"stopped_at": step}
-    seconds = time.perf_counter() - started
+    seconds = earlier_seconds + time.perf_counter() - started  # all segments of a resumed run
     result = {}
     if ddp.main:
         result = _write_generator(out, zoo, space, net, ema, config, train_names, holdout_names, fingerprint,
@@ -301,7 +302,8 @@ def _save_checkpoint(folder: Path, net: VelocityMLP, ema: list[torch.Tensor], op
 
 
 def _load_checkpoint(folder: Path, net: VelocityMLP, ema: list[torch.Tensor], optimizer: torch.optim.Optimizer,
-                     generator: torch.Generator, ddp: _Distributed) -> tuple[int, list[dict[str, Any]]]:
+                     generator: torch.Generator, ddp: _Distributed) -> tuple[int, list[dict[str, Any]], float]:
+    """Restore a checkpoint into the objects given; return its step, loss history and training seconds so far."""
     state = read_json(folder / "state.json")
     if int(state.get("world_size", 1)) != ddp.world:
         raise WgenError(f"{folder}: saved with {state.get('world_size')} processes, resumed with {ddp.world}",
@@ -318,7 +320,7 @@ def _load_checkpoint(folder: Path, net: VelocityMLP, ema: list[torch.Tensor], op
             opt_state.setdefault(int(index), {})[name] = value.to(device) if name != "step" else value
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
     generator.set_state(tensors[f"rng.{ddp.rank}"])
-    return int(state["step"]), list(state["history"])
+    return int(state["step"]), list(state["history"]), float(state.get("seconds", 0.0))
 
 
 def _write_generator(out: Path, zoo: Zoo, space: WeightSpace, net: VelocityMLP, ema: list[torch.Tensor],
