@@ -346,7 +346,7 @@ def sample(
     calibrate: Annotated[Optional[str], typer.Option(help="re-estimate BatchNorm statistics on this data's train split")] = None,
     project: Annotated[bool, typer.Option(help="pca spaces: put end points back on the sphere the members lie on")] = True,
     min_radius: Annotated[float, typer.Option(help="pca spaces: reject end points inside this fraction of that sphere "
-                                                   "(blends of members; 0 keeps all)")] = 0.8,
+                                                   "(blends of members; 0 keeps all, as does --no-project)")] = 0.8,
     device: DeviceOption = "auto",
     force: ForceOption = False,
     as_json: JsonOption = False,
