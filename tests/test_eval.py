@@ -102,6 +102,9 @@ def test_eval_reports_every_metric_for_every_set(chain: dict[str, Path], tmp_pat
     noise = report["sets"]
     assert noise["noise 0.01"]["nn_distance"]["mean"] < noise["noise 0.3"]["nn_distance"]["mean"]
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["sampling"] == {"asked": 6, "rejected": 0, "reasons": {}, "solver": "rk4", "steps": 5,
+                                  "projected": True}
+    assert "samples: 6 asked, 0 rejected: the sets above hold the rest" in " ".join(result.stdout.split())
     # the recorded test accuracy of each zoo member is what eval measures for it
     zoo_json = json.loads((chain["canon"] / "zoo.json").read_text())
     recorded = {m["name"]: m["test_accuracy"] for m in zoo_json["members"]}
@@ -158,3 +161,17 @@ def test_eval_refuses_a_zoo_the_generator_was_not_trained_on(chain: dict[str, Pa
     result = run_cli("eval", chain["samples"], "--zoo", chain["zoo"])  # the raw zoo, not the canonical one
     assert result.exit_code == 2
     assert f"{chain['zoo']} is not the zoo the generator was trained on" in " ".join(result.stderr.split())
+
+
+def test_eval_counts_rejected_samples_by_reason(chain: dict[str, Path], tmp_path: Path, run_cli) -> None:
+    assert run_cli("sample", chain["gen"], "-n", "6", "-o", tmp_path / "all", "--min-radius", "0").exit_code == 0
+    radii = sorted(e["radius"] for e in json.loads((tmp_path / "all" / "manifest.json").read_text())["samples"])
+    assert radii[2] < radii[3] < 1
+    samples, blends = tmp_path / "samples", 3
+    cut = f"{(radii[2] + radii[3]) / 2:.5f}"  # between the third and fourth end point
+    assert run_cli("sample", chain["gen"], "-n", "6", "-o", samples, "--min-radius", cut).exit_code == 0
+    result = run_cli("eval", samples, "--zoo", chain["canon"], "--no-baselines", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["sampling"]["rejected"] == blends and report["sampling"]["reasons"] == {"a blend of members": blends}
+    assert report["sets"]["samples"]["models"] == 6 - blends

@@ -369,7 +369,7 @@ def sample(
     reasons = Counter(e["rejected"].split(" (")[0] for e in manifest["samples"] if e["rejected"])
     console.print(f"{kept} samples written to {out} ({manifest['solver']}, {manifest['steps']} steps) in "
                   f"{manifest['seconds']:.1f}s; {manifest['rejected']} rejected"
-                  + (f" ({', '.join(f'{n} {reason}' for reason, n in reasons.items())})" if reasons else ""))
+                  + (f" ({_rejection_reasons(reasons)})" if reasons else ""))
     if manifest["rejected"]:
         err_console.print(f"[yellow]{manifest['rejected']} samples were rejected; see {out}/manifest.json[/]")
 
@@ -446,9 +446,17 @@ def _print_eval(report: dict[str, Any], out: Optional[Path], plot: Optional[Path
                             _pct(s["nn_agreement"]["mean"]), _pct(s["copy_rate"]),
                             _pct(s["holdout_nearer"]) if "holdout_nearer" in s else "-")
         console.print(novelty)
+    if "sampling" in report:
+        m = report["sampling"]
+        console.print(f"samples: {m['asked']} asked, {m['rejected']} rejected"
+                      + (f" ({_rejection_reasons(m['reasons'])})" if m["reasons"] else "") + ": the sets above hold the rest")
     for path, what in ((out, "report"), (plot, "figure")):
         if path is not None:
             console.print(f"{what}: {path}")
+
+
+def _rejection_reasons(reasons: dict[str, int]) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in reasons.items())
 
 
 @app.command()

@@ -19,6 +19,7 @@ random aligned pairs, and uniform soups of ``k`` random aligned members.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,8 @@ def evaluate(target: Path, zoo_path: Path | None, options: EvalOptions, device: 
         "holdout_members": len(reference.holdout) if reference is not None and reference.holdout is not None else 0,
         "sets": sets,
     }
+    if (target / MANIFEST_JSON).is_file():
+        report["sampling"] = _sampling_summary(read_json(target / MANIFEST_JSON))
     noise = {n: s for n, s in sets.items() if n.startswith("noise ")}
     if noise and label in sets and "nn_ratio" in sets[label]:
         target_ratio = sets[label]["nn_ratio"]["mean"]
@@ -165,6 +168,13 @@ def _generator_config(target: Path) -> dict[str, Any] | None:
         return None
     config = Path(read_json(manifest).get("generator", "")) / "config.json"
     return read_json(config) if config.is_file() else None
+
+
+def _sampling_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Return how many samples were asked for and rejected, by reason: the evaluated ones are what was kept."""
+    reasons = Counter(e["rejected"].split(" (")[0] for e in manifest.get("samples", []) if e.get("rejected"))
+    return {"asked": manifest.get("count"), "rejected": manifest.get("rejected", 0), "reasons": dict(reasons),
+            "solver": manifest.get("solver"), "steps": manifest.get("steps"), "projected": manifest.get("projected")}
 
 
 def _training_split(zoo: Zoo, generator_config: dict[str, Any] | None) -> tuple[list[str], list[str]]:
