@@ -120,7 +120,8 @@ def test_train_and_sample_write_loadable_members(zoo5: Path, tmp_path: Path, run
     config = json.loads((gen / "config.json").read_text())
     assert config["space"]["kind"] == "pca" and config["space"]["dim"] == 3
     assert len(config["members"]["holdout"]) == 1 and len(config["members"]["train"]) == 4
-    assert json.loads(run_cli("info", gen, "--json").stdout)["kind"] == "generator"
+    info = json.loads(run_cli("info", gen, "--json").stdout)
+    assert info["kind"] == "generator" and info["space"]["radius"] == pytest.approx(3 / 4 ** 0.5, rel=1e-4)
 
     result = run_cli("sample", gen, "-n", "5", "-o", samples, "--batch-size", "2", "--min-radius", "0", "--json")
     assert result.exit_code == 0, result.output
@@ -250,6 +251,7 @@ def test_blends_of_members_are_rejected_not_written(generator_dir: Path, tmp_pat
         if not written:
             assert entry["rejected"] == f"a blend of members (radius {entry['radius']:.2f} < --min-radius 0.99)"
     assert f"{len(blends)} rejected ({len(blends)} a blend of members)" in " ".join(result.stdout.split())
+    assert "the generator looks under-trained" in " ".join(result.stderr.split())
 
 
 def test_killed_sampling_resumes(generator_dir: Path, tmp_path: Path) -> None:

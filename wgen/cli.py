@@ -178,7 +178,8 @@ def info(
             ("num classes", str(report["num_classes"])), ("model args", json.dumps(report["model_args"]))]
     if report["kind"] == "generator":
         space, training = report["space"], report["training"]
-        rows += [("space", f"{space['kind']}, {space['dim']} dims over {space['values']:,} weights"),
+        rows += [("space", f"{space['kind']}, {space['dim']} dims over {space['values']:,} weights"
+                           + (f"; members on a sphere of radius {space['radius']:.3f}" if space.get("radius") else "")),
                  ("velocity net", f"{report['net_parameters']:,} parameters (width {report['net']['width']}, "
                                   f"depth {report['net']['depth']})"),
                  ("members", f"{report['members']} training, {report['holdout_members']} held out"),
@@ -372,6 +373,9 @@ def sample(
                   + (f" ({_rejection_reasons(reasons)})" if reasons else ""))
     if manifest["rejected"]:
         err_console.print(f"[yellow]{manifest['rejected']} samples were rejected; see {out}/manifest.json[/]")
+    if reasons.get("a blend of members", 0) > manifest["count"] // 10:  # a healthy generator leaves ~0.3%
+        err_console.print("[yellow]many end points fell between members: the generator looks under-trained "
+                          "(train longer), or lower --min-radius[/]")
 
 
 class _CountBar(_Bar):

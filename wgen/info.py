@@ -54,7 +54,7 @@ def _describe_generator(root: Path) -> dict[str, Any]:
     training = c["training"]
     return {"path": str(root), "kind": "generator", "architecture": c["architecture"], "num_classes": c["num_classes"],
             "model_args": c.get("model_args", {}), "input_size": c.get("input_size"), "data": c.get("data"),
-            "space": {k: c["space"][k] for k in ("kind", "dim", "values")}, "net": c["net"],
+            "space": {k: c["space"].get(k) for k in ("kind", "dim", "values", "radius")}, "net": c["net"],
             "net_parameters": c["net_parameters"], "members": len(c["members"]["train"]),
             "holdout_members": len(c["members"]["holdout"]), "source": c["source"],
             "source_fingerprint": c["source_fingerprint"], "canonical_source": c.get("canonical", False),
