@@ -211,7 +211,7 @@ def test_sampling_projects_end_points_unless_told_not_to(generator_dir: Path, tm
     generator = load_generator(generator_dir)
     seen = []
     real = generator.space.vectors
-    monkeypatch.setattr(generator.space, "vectors", lambda coords: seen.append(coords.clone()) or real(coords))
+    monkeypatch.setattr(generator.space, "vectors", lambda coords, out=None: seen.append(coords.clone()) or real(coords, out))
     cpu = torch.device("cpu")
     projected = sample(generator, tmp_path / "p", SampleOptions(count=3), cpu)
     free = sample(generator, tmp_path / "f", SampleOptions(count=3, project=False), cpu)
@@ -226,8 +226,8 @@ def test_samples_with_finite_weights_but_non_finite_outputs_are_flagged(generato
     generator = load_generator(generator_dir)
     real = generator.space.vectors
 
-    def overflowing(coords):
-        vectors = real(coords).clone()
+    def overflowing(coords, out=None):
+        vectors = real(coords, out)
         for slot in generator.space.layout.slots:
             if slot.key.endswith("weight") and not slot.log:
                 vectors[1, slot.offset:slot.offset + slot.size] = 1e20  # finite, but outputs overflow
@@ -276,8 +276,8 @@ def test_non_finite_samples_are_flagged_not_kept(generator_dir: Path, tmp_path: 
     generator = load_generator(generator_dir)
     real = generator.space.vectors
 
-    def poisoned(coords):
-        vectors = real(coords).clone()
+    def poisoned(coords, out=None):
+        vectors = real(coords, out)
         vectors[1, 0] = float("nan")
         return vectors
 

@@ -179,13 +179,17 @@ class _BatchWriter:
         self.check_x = torch.randn(1, *self.input_size, generator=torch.Generator().manual_seed(0)).to(device)
         self.width = max(3, len(str(options.count - 1)))
         self.projects = options.project and generator.space.projects
+        self._buffer: torch.Tensor | None = None  # decoded rows of one batch, reused: written before the next
 
     def write(self, indices: list[int], coords: torch.Tensor, radii: list[float | None]) -> list[dict[str, Any]]:
         """Decode, check and write the samples ``indices`` at flow end points ``coords``; return their entries.
 
         ``radii`` are the end points' relative radii before projection (None where not projected).
         """
-        values, finite = self.packed.pack(self.generator.space.vectors(coords))
+        if self._buffer is None or self._buffer.device != coords.device:
+            self._buffer = torch.empty(self.options.batch_size, self.generator.space.layout.dim, device=coords.device)
+        buffer = self._buffer[:len(coords)]  # the first rows of a contiguous tensor: contiguous
+        values, finite = self.packed.pack(self.generator.space.vectors(coords, out=buffer))
         inside = [r is not None and r < self.options.min_radius for r in radii]
         keep = [ok and not blend for ok, blend in zip(finite.tolist(), inside)]
         kept = [i for i, ok in enumerate(keep) if ok]

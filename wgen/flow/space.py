@@ -136,15 +136,17 @@ class WeightSpace:
         raw = torch.stack([self.layout.flatten(s) for s in states]).to(self.mean.device)
         return (raw - self.mean) / self.scale
 
-    def vectors(self, coords: torch.Tensor) -> torch.Tensor:
-        """Return the raw ``[N, layout.dim]`` vectors (``Layout.flatten`` form) of ``[N, dim]`` coordinates."""
-        normalized = self.to_normalized(coords)
-        if normalized is coords:
-            normalized = coords.clone()
-        return normalized.mul_(self.scale.to(coords.device)).add_(self.mean.to(coords.device))
+    def vectors(self, coords: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Return the raw ``[N, layout.dim]`` vectors (``Layout.flatten`` form) of ``[N, dim]`` coordinates.
 
-    def to_normalized(self, coords: torch.Tensor) -> torch.Tensor:
-        """Return the normalised vectors ``[N, layout.dim]`` of coordinates."""
+        Written into ``out`` when given: a buffer reused batch after batch is not page-faulted anew.
+        """
+        if out is None:
+            out = torch.empty(len(coords), self.layout.dim, dtype=coords.dtype, device=coords.device)
+        return self.to_normalized(coords, out).mul_(self.scale.to(coords.device)).add_(self.mean.to(coords.device))
+
+    def to_normalized(self, coords: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Write the normalised vectors ``[N, layout.dim]`` of coordinates into ``out``; return it."""
         raise NotImplementedError
 
     @property
@@ -187,8 +189,8 @@ class FullSpace(WeightSpace):
     def encode(self, states: list[StateDict]) -> torch.Tensor:
         return self.normalized(states)
 
-    def to_normalized(self, coords: torch.Tensor) -> torch.Tensor:
-        return coords
+    def to_normalized(self, coords: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out.copy_(coords)
 
 
 class PCASpace(WeightSpace):
@@ -216,8 +218,8 @@ class PCASpace(WeightSpace):
     def encode(self, states: list[StateDict]) -> torch.Tensor:
         return (self.normalized(states) @ self.basis.T) / self.coef_std
 
-    def to_normalized(self, coords: torch.Tensor) -> torch.Tensor:
-        return (coords * self.coef_std.to(coords.device)) @ self.basis.to(coords.device)
+    def to_normalized(self, coords: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return torch.mm(coords * self.coef_std.to(coords.device), self.basis.to(coords.device), out=out)
 
     @property
     def projects(self) -> bool:
