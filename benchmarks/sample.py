@@ -108,7 +108,7 @@ def peak_memory_mib(generator_path: Path, count: int, device: str, root: Path) -
     code = (
         "import resource, sys, torch\n"
         "from pathlib import Path\n"
-        "from wgen.flow.sample import Generator, SampleOptions, load_generator, sample\n"
+        "from wgen.flow.sample import SampleOptions, load_generator, sample\n"
         f"device = torch.device({device!r})\n"
         f"sample(load_generator({str(generator_path)!r}, device), Path({str(root / f'mem-{count}')!r}), "
         f"SampleOptions(count={count}, batch_size=50, min_radius=0.0), device)\n"

@@ -421,7 +421,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a member is an ordinary folder
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; a member is an ordinary folder
     try:
         yield tmp
         old = None
@@ -440,7 +440,7 @@ def atomic_write_json(path: Path, value: dict[str, Any]) -> None:
     """Write ``value`` as pretty JSON to ``path`` through a temporary file and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the result is an ordinary file
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; the result is an ordinary file
     try:
         with os.fdopen(fd, "w") as handle:
             json.dump(value, handle, indent=2, sort_keys=False)
@@ -451,7 +451,8 @@ def atomic_write_json(path: Path, value: dict[str, Any]) -> None:
             os.unlink(tmp)
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """Return the process umask (read by setting it and putting it back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

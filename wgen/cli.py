@@ -6,7 +6,6 @@ import contextlib
 import json
 import math
 import os
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -353,7 +352,7 @@ def sample(
     as_json: JsonOption = False,
 ) -> None:
     """Sample N new checkpoints (timm local-dir folders + manifest.json); re-run to resume."""
-    from .flow.sample import SampleOptions, load_generator
+    from .flow.sample import BLEND, SampleOptions, load_generator, rejection_counts
     from .flow.sample import sample as run
     from .runtime import resolve_device
 
@@ -367,13 +366,13 @@ def sample(
         print(json.dumps({k: v for k, v in manifest.items() if k != "samples"}, indent=2))
         return
     kept = manifest["count"] - manifest["rejected"]
-    reasons = Counter(e["rejected"].split(" (")[0] for e in manifest["samples"] if e["rejected"])
+    reasons = rejection_counts(manifest["samples"])
     console.print(f"{kept} samples written to {out} ({manifest['solver']}, {manifest['steps']} steps) in "
                   f"{manifest['seconds']:.1f}s; {manifest['rejected']} rejected"
                   + (f" ({_rejection_reasons(reasons)})" if reasons else ""))
     if manifest["rejected"]:
         err_console.print(f"[yellow]{manifest['rejected']} samples were rejected; see {out}/manifest.json[/]")
-    if reasons.get("a blend of members", 0) > manifest["count"] // 10:  # a healthy generator leaves ~0.3%
+    if reasons.get(BLEND, 0) > manifest["count"] // 10:  # a healthy generator leaves ~0.3%
         err_console.print("[yellow]many end points fell between members: the generator looks under-trained "
                           "(train longer), or lower --min-radius[/]")
 

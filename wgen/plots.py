@@ -12,6 +12,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .checkpoints import current_umask  # noqa: E402
+
 COLOURS = {"zoo": "#1f77b4", "samples": "#d62728", "models": "#d62728", "interpolation": "#2ca02c"}
 
 
@@ -63,9 +65,7 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it private; the figure is an ordinary file
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; the figure is an ordinary file
     try:
         fig.savefig(tmp, dpi=110)
         os.replace(tmp, path)

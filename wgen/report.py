@@ -19,7 +19,6 @@ random aligned pairs, and uniform soups of ``k`` random aligned members.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from .errors import WgenError
 from .progress import SilentStages, StageProgress
 from .evaluate import (ensemble_curve, error_iou, mean_disagreement, per_model_metrics, reestimate_batchnorm,
                        stacked_logits)
-from .flow.sample import MANIFEST_JSON
+from .flow.sample import MANIFEST_JSON, rejection_counts
 
 
 
@@ -172,8 +171,8 @@ def _generator_config(target: Path) -> dict[str, Any] | None:
 
 def _sampling_summary(manifest: dict[str, Any]) -> dict[str, Any]:
     """Return how many samples were asked for and rejected, by reason: the evaluated ones are what was kept."""
-    reasons = Counter(e["rejected"].split(" (")[0] for e in manifest.get("samples", []) if e.get("rejected"))
-    return {"asked": manifest.get("count"), "rejected": manifest.get("rejected", 0), "reasons": dict(reasons),
+    return {"asked": manifest.get("count"), "rejected": manifest.get("rejected", 0),
+            "reasons": rejection_counts(manifest.get("samples", [])),
             "solver": manifest.get("solver"), "steps": manifest.get("steps"), "projected": manifest.get("projected")}
 
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import shutil
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,6 +36,7 @@ RUN_JSON = ".sampling.json"  # options of an unfinished run, for resume
 ENTRIES_LOG = ".entries.jsonl"  # samples an unfinished run has written
 SOLVERS = ("euler", "midpoint", "rk4", "dopri5")
 SAMPLE_SEED_STRIDE = 1_000_000
+BLEND = "a blend of members"  # why an end point inside --min-radius is rejected
 INTEGRATION_CHUNK = 512  # most samples integrated at once ...
 INTEGRATION_BYTES = 64 << 20  # ... and most bytes for one ODE state (decoding goes --batch-size at a time)
 
@@ -190,8 +192,9 @@ class _BatchWriter:
             self._buffer = torch.empty(self.options.batch_size, self.generator.space.layout.dim, device=coords.device)
         buffer = self._buffer[:len(coords)]  # the first rows of a contiguous tensor: contiguous
         values, finite = self.packed.pack(self.generator.space.vectors(coords, out=buffer))
+        finite = finite.tolist()
         inside = [r is not None and r < self.options.min_radius for r in radii]
-        keep = [ok and not blend for ok, blend in zip(finite.tolist(), inside)]
+        keep = [ok and not blend for ok, blend in zip(finite, inside)]
         kept = [i for i, ok in enumerate(keep) if ok]
         outputs = torch.empty(0)
         if kept:
@@ -200,14 +203,14 @@ class _BatchWriter:
             outputs = forward_stacked(self.model, stacked, self.check_x)
         outputs_finite = iter(bool(torch.isfinite(o).all()) for o in outputs)
         entries = []
-        for i, row, ok_w, blend, radius in zip(indices, values, finite.tolist(), inside, radii):
+        for i, row, ok_w, blend, radius in zip(indices, values, finite, inside, radii):
             entry = {"name": f"sample-{i:0{self.width}d}", "index": i, "seed": _seed(self.options, i), "rejected": None}
             if radius is not None:
                 entry["radius"] = round(radius, 4)
             if not ok_w:
                 entry["rejected"] = "non-finite weights"
             elif blend:
-                entry["rejected"] = f"a blend of members (radius {radius:.2f} < --min-radius {self.options.min_radius})"
+                entry["rejected"] = f"{BLEND} (radius {radius:.2f} < --min-radius {self.options.min_radius})"
             elif not next(outputs_finite):
                 entry["rejected"] = "non-finite outputs"
             else:
@@ -267,6 +270,11 @@ class _EntryLog:
 
     def __exit__(self, *exc: object) -> None:
         self._handle.close()
+
+
+def rejection_counts(entries: list[dict[str, Any]]) -> dict[str, int]:
+    """Return how many of a manifest's ``entries`` were rejected for each reason (details dropped)."""
+    return dict(Counter(e["rejected"].split(" (")[0] for e in entries if e.get("rejected")))
 
 
 def _seed(options: SampleOptions, index: int) -> int:

@@ -216,7 +216,11 @@ class PCASpace(WeightSpace):
         return int(self.basis.shape[0])
 
     def encode(self, states: list[StateDict]) -> torch.Tensor:
-        return (self.normalized(states) @ self.basis.T) / self.coef_std
+        return self.coordinates(self.normalized(states))
+
+    def coordinates(self, normalized: torch.Tensor) -> torch.Tensor:
+        """Return the ``[N, k]`` coordinates of normalised vectors ``[N, layout.dim]``."""
+        return (normalized @ self.basis.T) / self.coef_std
 
     def to_normalized(self, coords: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return torch.mm(coords * self.coef_std.to(coords.device), self.basis.to(coords.device), out=out)
@@ -268,10 +272,11 @@ def fit_space(kind: str, states: list[StateDict], components: int | None, device
     if not 1 <= k <= len(states) - 1:
         raise WgenError(f"--components {k} must be between 1 and training members - 1 ({len(states) - 1})",
                         "PCA on N members has at most N - 1 directions")
-    basis, singular = _principal_directions(centred / scale, k)
+    normalized = centred.div_(scale)
+    basis, singular = _principal_directions(normalized, k)
     coef_std = (singular / (len(states) - 1) ** 0.5).clamp_min(_MIN_SCALE)
     space = PCASpace(layout, mean, scale, basis, coef_std)
-    space.radius = _common_norm((centred / scale) @ basis.T / coef_std)
+    space.radius = _common_norm(space.coordinates(normalized))
     return space
 
 

@@ -63,10 +63,8 @@ class PackedLayout:
 
     def state(self, values: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return the state dict of one packed row (views into it when the layout is in file order)."""
-        vector = values if self._order is None else torch.empty_like(values).index_copy_(0, self._order, values)
-        state = {slot.key: vector[slot.offset:slot.offset + slot.size].view(slot.shape) for slot in self.layout.slots}
-        state.update({key: value.clone() for key, value in self.layout.fixed.items()})
-        return state
+        stacked = self.stacked(values[None])
+        return {key: value[0].clone() if key in self.layout.fixed else value[0] for key, value in stacked.items()}
 
     def stacked(self, values: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return the state dicts of packed rows ``[N, dim]`` stacked: ``{name: [N, *shape]}``, views where possible."""
