@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny timm members written to disk, and a CLI runner that reports exit codes."""
+"""Shared fixtures: tiny timm members written to disk, one real digits chain per session, a CLI runner.
+
+Session-scoped fixtures are built once and shared: tests read them and never write into them
+(a test that needs to change one copies it first).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ from wgen.cli import app
 
 TINY = ModelSpec("test_resnet", 10, {})
 INPUT_SIZE = (3, 32, 32)
+# the tiny generator of the pinned-samples test: keep these settings as they are
+TINY_TRAINING = {"steps": 20, "batch_size": 16, "net_args": {"width": 32, "depth": 1}}
 
 
 def make_state(spec: ModelSpec = TINY, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -36,6 +42,13 @@ def write_test_member(path: Path, spec: ModelSpec = TINY, seed: int = 0) -> Path
     return path
 
 
+def make_zoo(root: Path, count: int) -> Path:
+    """Write ``count`` test_resnet members ``m0, m1, ...`` (seeds 0, 1, ...) under ``root``; return it."""
+    for i in range(count):
+        write_test_member(root / f"m{i}", seed=i)
+    return root
+
+
 def snapshot(root: Path) -> dict[str, str]:
     """Return {relative path: sha256} of every file under ``root`` (to prove nothing changed)."""
     if not root.exists():
@@ -46,25 +59,53 @@ def snapshot(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def invoke(*args: object):
+    """Run the wgen CLI in-process; return the click Result (exit_code, stdout, stderr)."""
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
 @pytest.fixture
 def run_cli():
-    """Invoke the wgen CLI in-process; return the click Result (exit_code, output, stderr)."""
-    runner = CliRunner()
-
-    def run(*args: str):
-        return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-    return run
-
-
-def make_zoo(root: Path, count: int) -> Path:
-    """Write ``count`` test_resnet members ``m0, m1, ...`` (seeds 0, 1, ...) under ``root``; return it."""
-    for i in range(count):
-        write_test_member(root / f"m{i}", seed=i)
-    return root
+    """The in-process CLI runner, as a fixture."""
+    return invoke
 
 
 @pytest.fixture
 def tiny_zoo(tmp_path: Path) -> Path:
-    """A folder of three test_resnet members in timm local-dir layout."""
+    """A fresh folder of three untrained test_resnet members (tests may change it)."""
     return make_zoo(tmp_path / "zoo", 3)
+
+
+@pytest.fixture(scope="session")
+def random_zoo(tmp_path_factory) -> Path:
+    """Five untrained test_resnet members with BatchNorm statistics (read-only)."""
+    return make_zoo(tmp_path_factory.mktemp("random") / "zoo", 5)
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(random_zoo: Path, tmp_path_factory) -> Path:
+    """A 20-step generator on ``random_zoo`` (pca space, 4 training members, 1 held out; read-only)."""
+    from wgen.checkpoints import open_zoo
+    from wgen.flow.train import TrainConfig, train_generator
+
+    out = tmp_path_factory.mktemp("tiny") / "gen"
+    train_generator(open_zoo(random_zoo), out, TrainConfig(**TINY_TRAINING), torch.device("cpu"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def chain(tmp_path_factory) -> dict[str, Path]:
+    """A small real chain on digits, through the CLI: zoo (6 members, 10 epochs) -> canonical zoo (barrier
+    measured) -> generator (5 training, 1 held out) -> 8 samples. Read-only."""
+    root = tmp_path_factory.mktemp("chain")
+    steps = [
+        ("zoo", "-a", "test_resnet", "-d", "digits", "-n", "6", "--epochs", "10", "-o", root / "zoo"),
+        ("canonicalize", root / "zoo", "-o", root / "canon", "-d", "digits", "--barrier-pairs", "2"),
+        ("train", root / "canon", "-o", root / "gen", "--steps", "3000", "--width", "64", "--depth", "2",
+         "--batch-size", "64", "--holdout", "0.2"),
+        ("sample", root / "gen", "-n", "8", "-o", root / "samples"),
+    ]
+    for args in steps:
+        result = invoke(*args)
+        assert result.exit_code == 0, result.output
+    return {name: root / name for name in ("zoo", "canon", "gen", "samples")}

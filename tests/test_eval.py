@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from wgen.evaluate import ensemble_curve, error_iou, mean_disagreement, per_model_metrics
-from wgen.report import _noisy
+from wgen.baselines import noisy
+from wgen.metrics import ensemble_curve, error_iou, mean_disagreement, per_model_metrics
 
 from conftest import make_state
 
@@ -55,32 +55,10 @@ def test_noise_baseline_distance_grows_with_scale() -> None:
     keys = sorted(k for k, v in states[0].items() if v.is_floating_point() and "running" not in k)
     distances = []
     for scale in (0.01, 0.1, 0.3):
-        noisy = _noisy(states, 6, scale, keys, torch.Generator().manual_seed(0))
+        noisy_states = noisy(states, 6, scale, keys, torch.Generator().manual_seed(0))
         distances.append(min(sum(float((n[k] - s[k]).pow(2).sum()) for k in keys) ** 0.5
-                             for n in noisy for s in states))
+                             for n in noisy_states for s in states))
     assert distances[0] < distances[1] < distances[2]
-
-
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory) -> dict[str, Path]:
-    """A small real chain: zoo -> canonical zoo -> generator -> samples."""
-    from typer.testing import CliRunner
-
-    from wgen.cli import app
-
-    root = tmp_path_factory.mktemp("chain")
-    runner = CliRunner()
-    steps = [
-        ["zoo", "-a", "test_resnet", "-d", "digits", "-n", "4", "--epochs", "2", "-o", str(root / "zoo")],
-        ["canonicalize", str(root / "zoo"), "-o", str(root / "canon")],
-        ["train", str(root / "canon"), "-o", str(root / "gen"), "--steps", "60", "--width", "32", "--depth", "1",
-         "--holdout", "0.25"],
-        ["sample", str(root / "gen"), "-n", "6", "-o", str(root / "samples"), "--min-radius", "0"],
-    ]
-    for args in steps:
-        result = runner.invoke(app, args, catch_exceptions=False)
-        assert result.exit_code == 0, result.output
-    return {name: root / name for name in ("zoo", "canon", "gen", "samples")}
 
 
 def test_eval_reports_every_metric_for_every_set(chain: dict[str, Path], tmp_path: Path, run_cli) -> None:
@@ -90,21 +68,21 @@ def test_eval_reports_every_metric_for_every_set(chain: dict[str, Path], tmp_pat
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
     assert list(report["sets"]) == ["zoo", "samples", "noise 0.01", "noise 0.3", "interpolation", "soup of 2"]
-    assert len(report["training_members"]) == 3 and report["holdout_members"] == 1
+    assert len(report["training_members"]) == 5 and report["holdout_members"] == 1
     for name, s in report["sets"].items():
         for key in ("accuracy", "nll", "ece", "ensemble", "disagreement", "nn_ratio", "max_error_iou",
                     "nn_agreement", "copy_rate"):
             assert key in s, (name, key)
-        assert s["models"] == (3 if name == "zoo" else 6)
+        assert s["models"] == (5 if name == "zoo" else 8)
         if name != "zoo":
             assert "holdout_nearer" in s
     assert report["sets"]["zoo"]["nn_ratio"]["mean"] == pytest.approx(1.0)
     noise = report["sets"]
     assert noise["noise 0.01"]["nn_distance"]["mean"] < noise["noise 0.3"]["nn_distance"]["mean"]
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert report["sampling"] == {"asked": 6, "rejected": 0, "reasons": {}, "solver": "rk4", "steps": 5,
+    assert report["sampling"] == {"asked": 8, "rejected": 0, "reasons": {}, "solver": "rk4", "steps": 5,
                                   "projected": True}
-    assert "samples: 6 asked, 0 rejected: the sets above hold the rest" in " ".join(result.stdout.split())
+    assert "samples: 8 asked, 0 rejected: the sets above hold the rest" in " ".join(result.stdout.split())
     # the recorded test accuracy of each zoo member is what eval measures for it
     zoo_json = json.loads((chain["canon"] / "zoo.json").read_text())
     recorded = {m["name"]: m["test_accuracy"] for m in zoo_json["members"]}
@@ -135,10 +113,19 @@ def test_eval_with_a_mismatching_zoo(chain: dict[str, Path], tmp_path: Path, run
 def test_demo_runs_the_chain_and_resumes(tmp_path: Path) -> None:
     from wgen.demo import DemoSettings, run_demo
 
-    settings = DemoSettings(members=3, epochs=1, train_steps=40, samples=4, min_radius=0.0)
-    stages = []
-    report = run_demo(tmp_path, torch.device("cpu"), settings, announce=lambda stage, command: stages.append(stage))
-    assert stages == ["zoo", "canonicalize", "train", "sample", "eval"]
+    class Notes:
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def stage(self, name, total, done=0): ...
+        def advance(self, count=1, status=""): ...
+        def note(self, text):
+            self.lines.append(text)
+
+    settings = DemoSettings(members=3, epochs=1, train_steps=40, samples=4)
+    notes = Notes()
+    report = run_demo(tmp_path, torch.device("cpu"), settings, progress=notes)
+    assert [n.split()[1] for n in notes.lines if n.startswith("==>")] == ["zoo", "canonicalize", "train", "sample", "eval"]
     assert (tmp_path / "report.png").is_file() and set(report["sets"]) >= {"zoo", "samples"}
     before = (tmp_path / "samples" / "manifest.json").read_text()
     run_demo(tmp_path, torch.device("cpu"), settings)  # resumes: finished stages are kept
@@ -163,14 +150,15 @@ def test_eval_refuses_a_zoo_the_generator_was_not_trained_on(chain: dict[str, Pa
     assert f"{chain['zoo']} is not the zoo the generator was trained on" in " ".join(result.stderr.split())
 
 
-def test_eval_counts_rejected_samples_by_reason(chain: dict[str, Path], tmp_path: Path, run_cli) -> None:
-    assert run_cli("sample", chain["gen"], "-n", "6", "-o", tmp_path / "all", "--min-radius", "0").exit_code == 0
-    radii = sorted(e["radius"] for e in json.loads((tmp_path / "all" / "manifest.json").read_text())["samples"])
-    assert radii[2] < radii[3] < 1
-    samples, blends = tmp_path / "samples", 3
-    cut = f"{(radii[2] + radii[3]) / 2:.5f}"  # between the third and fourth end point
-    assert run_cli("sample", chain["gen"], "-n", "6", "-o", samples, "--min-radius", cut).exit_code == 0
-    result = run_cli("eval", samples, "--zoo", chain["canon"], "--no-baselines", "--json")
+def test_eval_counts_rejected_samples_by_reason(tiny_generator: Path, random_zoo: Path, tmp_path: Path,
+                                                run_cli) -> None:
+    assert run_cli("sample", tiny_generator, "-n", "6", "-o", tmp_path / "all", "--min-radius", "0").exit_code == 0
+    radii = [e["radius"] for e in json.loads((tmp_path / "all" / "manifest.json").read_text())["samples"]]
+    blends = sum(r < 0.99 for r in radii)
+    assert 0 < blends < 6, radii  # a 20-step generator leaves some end points inside the members' sphere
+    samples = tmp_path / "samples"
+    assert run_cli("sample", tiny_generator, "-n", "6", "-o", samples, "--min-radius", "0.99").exit_code == 0
+    result = run_cli("eval", samples, "--zoo", random_zoo, "-d", "digits", "--no-baselines", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["sampling"]["rejected"] == blends and report["sampling"]["reasons"] == {"a blend of members": blends}

@@ -183,18 +183,16 @@ def test_barycenter_template_and_method_none(tiny_zoo: Path, tmp_path: Path, run
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_canonicalize_measures_the_barrier(tmp_path: Path, run_cli) -> None:
-    zoo = tmp_path / "zoo"
-    assert run_cli("zoo", "-a", "test_resnet", "-d", "digits", "-n", "2", "--epochs", "1", "-o", zoo).exit_code == 0
-    result = run_cli("canonicalize", zoo, "-o", tmp_path / "canon", "-d", "digits", "--barrier-pairs", "1", "--json")
-    assert result.exit_code == 0, result.output
-    barrier = json.loads(result.stdout)["barrier"]
-    assert barrier["pairs"] == [[0, 1]]
+def test_alignment_lowers_the_interpolation_barrier(chain: dict[str, Path]) -> None:
+    barrier = json.loads((chain["canon"] / "canonicalize.json").read_text())["barrier"]
+    assert len(barrier["pairs"]) == 2
     for label in ("before", "after"):
         curve = barrier[label]["curves"][0]
         assert len(curve["loss"]) == 11 and len(curve["accuracy"]) == 11
     # the end points are the members themselves, identical before and after alignment
     assert barrier["before"]["curves"][0]["accuracy"][0] == pytest.approx(barrier["after"]["curves"][0]["accuracy"][0])
+    assert barrier["after"]["mean_loss_barrier"] < 0.9 * barrier["before"]["mean_loss_barrier"]
+    assert barrier["after"]["mean_accuracy_drop"] < barrier["before"]["mean_accuracy_drop"]
 
 
 def test_verification_failure_writes_nothing(tiny_zoo: Path, tmp_path: Path, run_cli, monkeypatch) -> None:
@@ -227,18 +225,26 @@ def test_bad_canonicalize_options(tiny_zoo: Path, tmp_path: Path, run_cli, args,
     assert not (tmp_path / "canon").exists()
 
 
-def test_existing_output_is_refused(tiny_zoo: Path, tmp_path: Path, run_cli) -> None:
+def test_existing_output_is_refused_and_force_replaces_only_wgen_outputs(tiny_zoo: Path, tmp_path: Path,
+                                                                         run_cli) -> None:
     out = tmp_path / "canon"
     write_test_member(out / "keep")
     before = snapshot(out)
     result = run_cli("canonicalize", tiny_zoo, "-o", out)
-    assert result.exit_code == 2
-    assert f"{out}: exists" in " ".join(result.stderr.split())
+    assert result.exit_code == 2 and f"{out}: exists" in " ".join(result.stderr.split())
+    result = run_cli("canonicalize", tiny_zoo, "-o", out, "--force")
+    assert result.exit_code == 2 and "was not written by wgen" in result.stderr
     assert snapshot(out) == before
-    assert run_cli("canonicalize", tiny_zoo, "-o", out, "--force").exit_code == 0
-    assert not (out / "keep").exists()
+    mine = tmp_path / "mine"
+    assert run_cli("canonicalize", tiny_zoo, "-o", mine).exit_code == 0
+    finished = snapshot(mine)
+    assert run_cli("canonicalize", tiny_zoo, "-o", mine).exit_code == 0 and snapshot(mine) == finished  # done: kept
+    result = run_cli("canonicalize", tiny_zoo, "-o", mine, "--restarts", "2")
+    assert result.exit_code == 2 and "made with other settings" in result.stderr
+    assert run_cli("canonicalize", tiny_zoo, "-o", mine, "--restarts", "2", "--force").exit_code == 0
+    assert json.loads((mine / "canonicalize.json").read_text())["restarts"] == 2
     inside = run_cli("canonicalize", tiny_zoo, "-o", tiny_zoo / "canon")
-    assert inside.exit_code == 2 and "may not be the input zoo or lie inside it" in inside.stderr
+    assert inside.exit_code == 2 and "may not be, contain or lie inside the input" in " ".join(inside.stderr.split())
 
 
 def test_flat_files_canonicalize_with_arch(tmp_path: Path, run_cli) -> None:

@@ -10,16 +10,10 @@ by ``--arch`` or a folder-level ``config.json``. Torch files are only ever read 
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import functools
 import hashlib
 import json
-import os
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +22,9 @@ import safetensors.torch
 import timm
 import torch
 
-from . import __version__
 from .errors import WgenError
+from .outputs import write_folder
+from .version import __version__
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -413,51 +408,6 @@ def _first_readable(refs: list[MemberRef], skip_bad: bool) -> StateDict:
 # writing
 
 
-@contextlib.contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a hidden temporary folder beside ``final``; rename it to ``final`` on success.
-
-    A run killed inside the block leaves only a dot-folder that readers skip, never a half member.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; a member is an ordinary folder
-    try:
-        yield tmp
-        old = None
-        if final.exists():  # moved aside, not deleted, until the new folder is in place
-            old = final.parent / f".{final.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def atomic_write_json(path: Path, value: dict[str, Any]) -> None:
-    """Write ``value`` as pretty JSON to ``path`` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; the result is an ordinary file
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(value, handle, indent=2, sort_keys=False)
-            handle.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def current_umask() -> int:
-    """Return the process umask (read by setting it and putting it back)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def member_config(spec: ModelSpec, input_size: tuple[int, int, int], mean: tuple[float, ...],
                   std: tuple[float, ...], provenance: dict[str, Any] | None = None) -> dict[str, Any]:
     """Return the timm ``config.json`` of a member: spec, preprocessing and a ``wgen`` block."""
@@ -486,37 +436,8 @@ def write_member(path: Path, state_dict: StateDict, config: dict[str, Any]) -> d
     Returns the sha256 of each file written, hashed from the bytes as they were written.
     """
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    return write_member_files(path, {WEIGHTS_NAME: [safetensors.torch.save(tensors, metadata={"format": "pt"})],
-                                     CONFIG_NAME: [config_bytes(config)]})
-
-
-def write_member_files(path: Path, files: dict[str, Sequence[bytes | memoryview]]) -> dict[str, str]:
-    """Write a member folder atomically at ``path``: each file given as the chunks of its bytes.
-
-    Returns the sha256 of each file, hashed from the chunks as they were written.
-    """
-    digests = {}
-    with atomic_dir(path) as tmp:
-        for name, chunks in files.items():
-            # hashing and writing both release the GIL: hash on a helper thread while the bytes are written
-            digest = _hasher().submit(_sha256, chunks)
-            with open(tmp / name, "wb") as handle:
-                for chunk in chunks:
-                    handle.write(chunk)
-            digests[name] = digest.result()
-    return digests
-
-
-@functools.lru_cache(maxsize=1)
-def _hasher() -> concurrent.futures.ThreadPoolExecutor:
-    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="wgen-sha256")
-
-
-def _sha256(chunks: Sequence[bytes | memoryview]) -> str:
-    digest = hashlib.sha256()
-    for chunk in chunks:
-        digest.update(chunk)
-    return digest.hexdigest()
+    return write_folder(path, {WEIGHTS_NAME: [safetensors.torch.save(tensors, metadata={"format": "pt"})],
+                               CONFIG_NAME: [config_bytes(config)]})
 
 
 def config_bytes(config: dict[str, Any]) -> bytes:

@@ -49,6 +49,14 @@ def parse_data_spec(text: str) -> DataSpec:
     raise WgenError(f"unknown dataset spec {text!r}", SPEC_HINT)
 
 
+def file_inputs(spec: str | None) -> list[Path]:
+    """Return the files or folders dataset ``spec`` reads (none for built-in data or no spec)."""
+    if spec is None:
+        return []
+    path = parse_data_spec(spec).path
+    return [path] if path is not None else []
+
+
 @dataclass(frozen=True)
 class SplitSpec:
     """How examples are dealt into train/val/test: a seed and two fractions.

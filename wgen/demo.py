@@ -1,8 +1,7 @@
-"""`wgen demo`: the whole chain on the built-in digits with small settings, resumable stage by stage."""
+"""`wgen demo`: the whole chain on the built-in digits with small settings; re-running resumes every stage."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,11 +9,12 @@ from typing import Any
 import torch
 
 from .checkpoints import open_zoo
-from .flow.nets import NetConfig
-from .flow.sample import MANIFEST_JSON, SampleOptions, load_generator, sample
-from .flow.train import CHECKPOINT_DIR, TrainConfig, train_generator
-from .permute.canonicalize import CANONICAL_JSON, CanonOptions, canonicalize
-from .report import EvalOptions, evaluate, write_report
+from .evaluate import EvalOptions, evaluate_models, write_report
+from .flow.generator import load_generator
+from .flow.sample import SampleOptions, sample
+from .flow.train import TrainConfig, train_generator
+from .permute.canonicalize import CanonOptions, canonicalize
+from .progress import SILENT, Progress
 from .zoo import Recipe, plan_zoo, train_zoo
 
 
@@ -29,43 +29,33 @@ class DemoSettings:
     train_batch: int = 128  # smaller than `wgen train` defaults, to stay within minutes on a CPU
     net_width: int = 256
     samples: int = 100
-    min_radius: float = SampleOptions.min_radius
 
 
 def run_demo(out: Path, device: torch.device, settings: DemoSettings = DemoSettings(),
-             announce: Callable[[str, str], None] = lambda stage, command: None,
-             progress: Callable[[str], Any] = lambda stage: None) -> dict[str, Any]:
+             progress: Progress = SILENT) -> dict[str, Any]:
     """Run zoo -> canonicalize -> train -> sample -> eval under ``out``; return the eval report.
 
-    Each stage whose output is already complete is skipped, so re-running resumes.
-    ``announce(stage, equivalent_command)`` is called before each stage; ``progress(stage)`` returns
-    the progress receiver for it.
+    Every command resumes its own output, so re-running picks up where a killed demo stopped. Before
+    each stage ``progress.note`` receives the equivalent command.
     """
     zoo_dir, canon_dir, gen_dir, samples_dir = out / "zoo", out / "canon", out / "gen", out / "samples"
-    announce("zoo", f"wgen zoo -a {settings.arch} -d digits -n {settings.members} --epochs {settings.epochs} -o {zoo_dir}")
-    plan = plan_zoo(Recipe(settings.arch, "digits", epochs=settings.epochs))
-    train_zoo(plan, zoo_dir, settings.members, device, progress=progress("zoo"))
-
-    announce("canonicalize", f"wgen canonicalize {zoo_dir} -o {canon_dir}")
-    if not (canon_dir / CANONICAL_JSON).is_file():
-        canonicalize(open_zoo(zoo_dir), canon_dir, CanonOptions(), device, force=True, progress=progress("canonicalize"))
-
-    announce("train", f"wgen train {canon_dir} -o {gen_dir} --steps {settings.train_steps} "
-                      f"--batch-size {settings.train_batch} --width {settings.net_width}")
-    if not (gen_dir / "config.json").is_file():
-        resume = (gen_dir / CHECKPOINT_DIR / "state.json").is_file()
-        config = TrainConfig(steps=settings.train_steps, batch_size=settings.train_batch,
-                             net=NetConfig(width=settings.net_width))
-        train_generator(open_zoo(canon_dir), gen_dir, config, device, resume=resume, force=not resume,
-                        progress=progress("train"))
-
-    announce("sample", f"wgen sample {gen_dir} -n {settings.samples} -o {samples_dir}")
-    if not (samples_dir / MANIFEST_JSON).is_file():
-        options = SampleOptions(count=settings.samples, min_radius=settings.min_radius)
-        sample(load_generator(gen_dir, device), samples_dir, options, device, progress=progress("sample"))
-
+    progress.note(f"==> zoo  (wgen zoo -a {settings.arch} -d digits -n {settings.members} "
+                  f"--epochs {settings.epochs} -o {zoo_dir})")
+    train_zoo(plan_zoo(Recipe(settings.arch, "digits", epochs=settings.epochs)), zoo_dir, settings.members, device,
+              progress=progress)
+    progress.note(f"==> canonicalize  (wgen canonicalize {zoo_dir} -o {canon_dir})")
+    canonicalize(open_zoo(zoo_dir), canon_dir, CanonOptions(), device, progress=progress)
+    progress.note(f"==> train  (wgen train {canon_dir} -o {gen_dir} --steps {settings.train_steps} "
+                  f"--batch-size {settings.train_batch} --width {settings.net_width})")
+    config = TrainConfig(steps=settings.train_steps, batch_size=settings.train_batch,
+                         net_args={"width": settings.net_width})
+    train_generator(open_zoo(canon_dir), gen_dir, config, device, progress=progress)
+    progress.note(f"==> sample  (wgen sample {gen_dir} -n {settings.samples} -o {samples_dir})")
+    sample(load_generator(gen_dir, device), samples_dir, SampleOptions(count=settings.samples), device,
+           progress=progress)
     report_json, report_png = out / "report.json", out / "report.png"
-    announce("eval", f"wgen eval {samples_dir} --zoo {canon_dir} -d digits --out {report_json} --plot {report_png}")
-    report = evaluate(samples_dir, canon_dir, EvalOptions(data="digits"), device, progress=progress("eval"))
+    progress.note(f"==> eval  (wgen eval {samples_dir} --zoo {canon_dir} -d digits --out {report_json} "
+                  f"--plot {report_png})")
+    report = evaluate_models(samples_dir, canon_dir, EvalOptions(data="digits"), device, progress=progress)
     write_report(report, report_json, report_png)
     return report

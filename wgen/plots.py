@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .checkpoints import current_umask  # noqa: E402
+from .outputs import atomic_file  # noqa: E402
 
 COLOURS = {"zoo": "#1f77b4", "samples": "#d62728", "models": "#d62728", "interpolation": "#2ca02c"}
 
@@ -62,14 +60,8 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     curve.legend(fontsize=8)
     fig.suptitle(f"{report['architecture']} on {report['data']} ({report['examples']} {report['split']} examples)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; the figure is an ordinary file
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -15,19 +15,22 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from . import __version__
-from .checkpoints import (CONFIG_NAME, WEIGHTS_NAME, ZOO_JSON, ModelSpec, StateDict, atomic_write_json,
-                          create_model, member_config, open_zoo, read_json, state_dict_fingerprint,
-                          write_member)
-from .data import DataSpec, SplitData, SplitSpec, dataset_default_size, load_data, parse_data_spec
+from .checkpoints import (CONFIG_NAME, WEIGHTS_NAME, ZOO_JSON, ModelSpec, StateDict, create_model, member_config,
+                          open_zoo, read_json, state_dict_fingerprint, write_member)
+from .data import DataSpec, SplitData, SplitSpec, dataset_default_size, file_inputs, load_data, parse_data_spec
 from .errors import WgenError
-from .evaluate import accuracy
+from .metrics import accuracy
+from .optim import warmup_cosine
+from .outputs import atomic_write_json, prepare_output
+from .progress import SILENT, Progress
 from .runtime import seed_everything
+from .tables import Summary, TextTable, pct
+from .version import __version__
 
 OPTIMIZERS = ("adamw", "sgd", "adam")
 # Decay of the weights whose output goes straight into a BatchNorm. The norm makes the network blind
@@ -75,24 +78,6 @@ class MemberRecord:
     test_accuracy: float
     train_seconds: float
     resumed: bool = False
-
-
-class ZooProgress(Protocol):
-    """Receives training events; the CLI renders them, tests may record them."""
-
-    def start(self, total: int, todo: int) -> None: ...
-    def member_start(self, name: str, seed: int, epochs: int) -> None: ...
-    def epoch_end(self, name: str, epoch: int, loss: float, val_accuracy: float) -> None: ...
-    def member_end(self, record: MemberRecord) -> None: ...
-
-
-class SilentProgress:
-    """A ZooProgress that ignores every event."""
-
-    def start(self, total: int, todo: int) -> None: ...
-    def member_start(self, name: str, seed: int, epochs: int) -> None: ...
-    def epoch_end(self, name: str, epoch: int, loss: float, val_accuracy: float) -> None: ...
-    def member_end(self, record: MemberRecord) -> None: ...
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -151,6 +136,10 @@ class ZooPlan:
     init_state: StateDict | None
     init_fingerprint: str | None
 
+    def inputs(self) -> list[Path]:
+        """Return the files and folders this job reads (an output may not touch them)."""
+        return [*file_inputs(str(self.data.spec)), *([Path(self.recipe.init)] if self.recipe.init else [])]
+
     def header(self) -> dict[str, Any]:
         """Return the zoo.json fields that do not depend on which members exist."""
         return {"format": ZOO_FORMAT, "wgen_version": __version__, **self.spec.to_json(),
@@ -207,20 +196,20 @@ def _read_init(path: str, spec: ModelSpec) -> StateDict:
 
 
 def train_zoo(plan: ZooPlan, out: Path, count: int, device: torch.device, shard: tuple[int, int] = (0, 1),
-              force: bool = False, progress: ZooProgress | None = None) -> list[MemberRecord]:
+              force: bool = False, progress: Progress = SILENT) -> list[MemberRecord]:
     """Train the members of ``shard`` among ``count`` into ``out``; return the records of this shard.
 
     Members already in ``out`` from the same recipe are kept (resume). An ``out`` made with another
-    recipe, or holding other files, is refused unless ``force``, which empties it first.
+    recipe is refused unless ``force``, which replaces it (only if wgen wrote it).
     """
-    progress = progress or SilentProgress()
     if count < 1:
         raise WgenError(f"-n {count}: a zoo needs at least one member", "use -n 1 or more")
     header = plan.header()
-    _prepare_output(out, header, force)
+    prepare_output(out, "zoo", plan.inputs(), force, lambda folder: _same_recipe(folder, header))
     mine = list(range(shard[0], count, shard[1]))
     done = {i for i in mine if _finished_member(out / member_name(i), plan.recipe.seed_start + i)}
-    progress.start(len(mine), len(mine) - len(done))
+    if done:
+        progress.note(f"{len(done)} of {len(mine)} members already trained")
     records = []
     with _zoo_lock(out):
         _refresh_zoo_json(out, header)
@@ -231,7 +220,7 @@ def train_zoo(plan: ZooPlan, out: Path, count: int, device: torch.device, shard:
         else:
             for stale in out.glob(f".{name}.tmp-*"):
                 shutil.rmtree(stale, ignore_errors=True)
-            progress.member_start(name, seed, plan.recipe.epochs)
+            progress.stage(f"{name} (seed {seed})", plan.recipe.epochs)
             state, record = train_member(plan, name, seed, device, progress)
             config = member_config(plan.spec, plan.data.input_size, plan.data.mean, plan.data.std,
                                    {"kind": "zoo-member", "seed": seed, "data": str(plan.data.spec),
@@ -240,15 +229,13 @@ def train_zoo(plan: ZooPlan, out: Path, count: int, device: torch.device, shard:
             write_member(out / name, state, config)
             with _zoo_lock(out):
                 _refresh_zoo_json(out, header)
-        progress.member_end(record)
         records.append(record)
     return records
 
 
 def train_member(plan: ZooPlan, name: str, seed: int, device: torch.device,
-                 progress: ZooProgress | None = None) -> tuple[StateDict, MemberRecord]:
-    """Train one member from ``seed``; return its final CPU state dict and its record."""
-    progress = progress or SilentProgress()
+                 progress: Progress = SILENT) -> tuple[StateDict, MemberRecord]:
+    """Train one member from ``seed``; return its final CPU state dict and its record (one ``advance`` an epoch)."""
     recipe, data = plan.recipe, plan.data
     started = time.perf_counter()
     generator = seed_everything(seed)
@@ -278,7 +265,7 @@ def train_member(plan: ZooPlan, name: str, seed: int, device: torch.device,
             raise WgenError(f"{name}: training diverged (loss {total_loss}) at epoch {epoch + 1}",
                             "lower --lr or raise --warmup-epochs")
         val_acc = accuracy(model, data, "val", device) if len(data.indices["val"]) else float("nan")
-        progress.epoch_end(name, epoch + 1, total_loss / max(batches, 1), val_acc)
+        progress.advance(1, f"loss {total_loss / max(batches, 1):.3f}  val {100 * val_acc:.1f}%")
     test_acc = accuracy(model, data, "test", device)
     state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
     record = MemberRecord(name, seed, val_acc, test_acc, round(time.perf_counter() - started, 3))
@@ -336,30 +323,18 @@ def feeds_batchnorm(model: torch.nn.Module, input_size: tuple[int, ...]) -> set[
 
 
 def _warmup_cosine(optimizer: torch.optim.Optimizer, warmup: float, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1.0, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, 1.0, warmup, total))
 
 
-def _prepare_output(out: Path, header: dict[str, Any], force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise WgenError(f"{out}: exists and is not a folder", "choose another -o")
-    zoo_json = out / ZOO_JSON
-    if out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
-        if force:
-            shutil.rmtree(out)
-        elif not zoo_json.is_file():
-            raise WgenError(f"{out}: exists and is not a wgen zoo", "choose another -o, or pass --force to replace it")
-        else:
-            existing = read_json(zoo_json)
-            differing = _differences(existing, header)
-            if differing:
-                raise WgenError(f"{out}: holds a zoo made with other settings ({differing[0]})",
-                                "re-run with the same settings to resume, choose another -o, or pass --force")
-    out.mkdir(parents=True, exist_ok=True)
+def _same_recipe(out: Path, header: dict[str, Any]) -> bool:
+    """Return whether ``out`` holds a zoo of this recipe (to resume); raise naming what differs."""
+    if not (out / ZOO_JSON).is_file():
+        return False
+    differing = _differences(read_json(out / ZOO_JSON), header)
+    if differing:
+        raise WgenError(f"{out}: holds a zoo made with other settings ({differing[0]})",
+                        "re-run with the same settings to resume, choose another -o, or pass --force")
+    return True
 
 
 def _differences(existing: dict[str, Any], header: dict[str, Any]) -> list[str]:
@@ -408,3 +383,12 @@ def _zoo_lock(out: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def zoo_summary(records: list[MemberRecord], title: str) -> Summary:
+    """Return the table ``wgen zoo`` shows: each member's seed, accuracies, seconds, and whether it was resumed."""
+    table = TextTable(title, ["member", "seed", "val acc", "test acc", "seconds", ""])
+    for r in records:
+        table.rows.append([r.name, str(r.seed), pct(r.val_accuracy), pct(r.test_accuracy), f"{r.train_seconds:.1f}",
+                           "resumed" if r.resumed else ""])
+    return Summary(tables=[table])

@@ -17,7 +17,7 @@ import sys
 import safetensors.torch
 import torch
 
-from .space import Layout
+from .spaces.base import Layout
 
 _F32 = 4  # bytes per float32 value
 

@@ -1,0 +1,60 @@
+"""Registered weight spaces: a zoo's state dicts <-> the tensors a velocity net is trained on.
+
+One file a space; built-in ones are listed here (imported on first use), plug-ins call
+``SPACES.register(name)`` on their ``WeightSpace`` subclass. ``auto`` is not a space but a rule:
+``full`` up to :data:`FULL_SPACE_MAX_DIM` values, ``pca`` above, because a velocity net on a full
+vector of a few hundred thousand values would be larger than the zoo itself.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ...errors import WgenError
+from ...registry import Registry
+
+if TYPE_CHECKING:
+    import torch
+
+    from .base import StateDict, WeightSpace
+
+SPACES = Registry("weight space", "--space", {
+    "full": "wgen.flow.spaces.full:FullSpace",
+    "pca": "wgen.flow.spaces.pca:PCASpace",
+})
+AUTO = "auto"
+FULL_SPACE_MAX_DIM = 50_000
+
+
+def space_choices() -> list[str]:
+    """Return what ``--space`` accepts: ``auto`` and every registered space."""
+    return [AUTO, *SPACES.names()]
+
+
+def resolve_kind(kind: str, values: int) -> str:
+    """Return the space ``kind`` stands for on members of ``values`` modelled values (``auto`` resolved)."""
+    if kind == AUTO:
+        return "full" if values <= FULL_SPACE_MAX_DIM else "pca"
+    SPACES.get(kind)  # an unknown kind fails here, before any work
+    return kind
+
+
+def fit_space(kind: str, args: dict[str, Any], states: list[StateDict], device: torch.device) -> WeightSpace:
+    """Return a space of ``kind`` (or ``auto``) with settings ``args``, fitted on the training members ``states``."""
+    from .base import Layout
+
+    if len(states) < 2:
+        raise WgenError(f"a generator needs at least 2 training members, got {len(states)}",
+                        "train a larger zoo, or lower --holdout")
+    kind = resolve_kind(kind, Layout.from_state(states[0]).dim)
+    return SPACES.get(kind).fit(states, SPACES.options(kind, args), device)
+
+
+def load_space(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> WeightSpace:
+    """Return the space a generator stored (its ``config.json`` ``space`` block and ``space.safetensors``)."""
+    try:
+        cls = SPACES.get(config["kind"])
+    except WgenError as exc:
+        raise WgenError(f"the generator uses an unknown weight space {config['kind']!r}",
+                        "update wgen, or load the plug-in that registers it") from exc
+    return cls.load(config, tensors)
