@@ -22,7 +22,7 @@ import torch
 import wgen
 from wgen.checkpoints import ModelSpec, open_zoo
 from wgen.data import SplitSpec, load_data
-from wgen.evaluate import per_model_metrics, stacked_logits
+from wgen.metrics import per_model_metrics, stacked_logits
 from wgen.runtime import resolve_device
 
 

@@ -35,8 +35,8 @@ import torch
 
 import wgen
 from wgen.checkpoints import ModelSpec, member_config, open_zoo, write_member
-from wgen.flow.nets import NetConfig
-from wgen.flow.sample import Generator, SampleOptions, load_generator, sample
+from wgen.flow.generator import Generator, load_generator
+from wgen.flow.sample import SampleOptions, sample
 from wgen.flow.train import TrainConfig, train_generator
 from wgen.runtime import resolve_device
 
@@ -51,7 +51,7 @@ def quick_generator(arch: str, root: Path, device: torch.device) -> Path:
         torch.manual_seed(seed)
         write_member(root / "zoo" / f"m{seed}", spec.create().state_dict(),
                      member_config(spec, (3, px, px), (0.5,) * 3, (0.5,) * 3))
-    config = TrainConfig(steps=50, holdout=0.0, net=NetConfig())
+    config = TrainConfig(steps=50, holdout=0.0)
     train_generator(open_zoo(root / "zoo"), root / "gen", config, device)
     return root / "gen"
 
@@ -108,7 +108,7 @@ def peak_memory_mib(generator_path: Path, count: int, device: str, root: Path) -
     code = (
         "import resource, sys, torch\n"
         "from pathlib import Path\n"
-        "from wgen.flow.sample import SampleOptions, load_generator, sample\n"
+        "from wgen.flow.generator import load_generator\nfrom wgen.flow.sample import SampleOptions, sample\n"
         f"device = torch.device({device!r})\n"
         f"sample(load_generator({str(generator_path)!r}, device), Path({str(root / f'mem-{count}')!r}), "
         f"SampleOptions(count={count}, batch_size=50, min_radius=0.0), device)\n"

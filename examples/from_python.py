@@ -1,4 +1,4 @@
-"""The whole chain through the Python API: the same functions the CLI calls.
+"""The whole chain through the Python API: the same functions the CLI calls (re-running resumes).
 
     python examples/from_python.py [OUT]
 """
@@ -15,14 +15,14 @@ def main(out: Path) -> None:
     device = wgen.resolve_device("auto")
     plan = wgen.plan_zoo(wgen.Recipe("test_resnet", "digits", epochs=20))
     wgen.train_zoo(plan, out / "zoo", 16, device)
-    report = wgen.canonicalize(wgen.open_zoo(out / "zoo"), out / "canon", wgen.CanonOptions(), device, force=True)
+    report = wgen.canonicalize(wgen.open_zoo(out / "zoo"), out / "canon", wgen.CanonOptions(), device)
     print(f"canonicalized: mean pairwise L2 {report['mean_pairwise_l2_before']:.2f} -> "
           f"{report['mean_pairwise_l2_after']:.2f}")
-    wgen.train_generator(wgen.open_zoo(out / "canon"), out / "gen", wgen.TrainConfig(), device, force=True)
+    wgen.train_generator(wgen.open_zoo(out / "canon"), out / "gen", wgen.TrainConfig(), device)
     manifest = wgen.sample(wgen.load_generator(out / "gen", device), out / "samples",
-                           wgen.SampleOptions(count=100), device, force=True)
+                           wgen.SampleOptions(count=100), device)
     print(f"sampled {manifest['count'] - manifest['rejected']} models")
-    report = wgen.evaluate(out / "samples", out / "canon", wgen.EvalOptions(data="digits"), device)
+    report = wgen.evaluate_models(out / "samples", out / "canon", wgen.EvalOptions(data="digits"), device)
     wgen.write_report(report, out / "report.json", out / "report.png")
     for name, s in report["sets"].items():
         print(f"{name:>14}: accuracy {s['accuracy']['mean']:.3f}, ensemble {s['ensemble'][-1]['accuracy']:.3f}")

@@ -323,71 +323,69 @@ class _Deriver:
     # -- leaf modules --------------------------------------------------------------------------
 
     def _module(self, node: torch.fx.Node, module: nn.Module) -> None:
-        x = node.args[0] if node.args else None
-        out_shape = _shape(node)
-        prefix = f"{node.target}."
-        if _is_attention(module):
-            return self._attention(node, module, prefix)
-        if isinstance(module, nn.Linear):
-            self._check_params(node, module, {"weight", "bias"})
-            self._batch_dims(x, node, except_last=True)
-            self.join(self.ax(x, -1), self.par(prefix + "weight", 1))
-            self._channel(node, -1, module, prefix, weight_axis=0)
-        elif isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
-            self._check_params(node, module, {"weight", "bias"})
-            self.join(self.ax(x, 0), self.ax(node, 0))
-            for d in range(2, len(out_shape)):
-                self.uf.fix(self.ax(node, d))
-            groups = module.groups
-            if groups == 1:
-                self.join(self.ax(x, 1), self.par(prefix + "weight", 1))
-                self._channel(node, 1, module, prefix, weight_axis=0)
-            elif module.in_channels == groups and module.out_channels == groups:  # depthwise
-                self.join(self.ax(x, 1), self.ax(node, 1))
-                self._channel(node, 1, module, prefix, weight_axis=0)
-            else:  # grouped: keep channels in place (valid, if not optimal)
-                self.uf.fix(self.ax(x, 1))
-                self.uf.fix(self.ax(node, 1))
-                self._channel(node, 1, module, prefix, weight_axis=0)
-                self.uf.fix(self.par(prefix + "weight", 1))
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-            self._check_params(node, module, {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"})
-            self._same_shape(x, node)
-            self._channel(node, 1, module, prefix, names=("weight", "bias", "running_mean", "running_var"))
-        elif isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))) or _is_timm_norm(module):
-            shape = getattr(module, "normalized_shape", None) or getattr(module, "dim", None)
-            shape = (shape,) if isinstance(shape, int) else tuple(shape or ())
-            if len(shape) != 1:
-                raise self.fail(node, f"{type(module).__name__} over several axes")
-            self._check_params(node, module, {"weight", "bias"})
-            self._same_shape(x, node)
-            dim = 1 if type(module).__name__.endswith("2d") else -1
-            self._channel(node, dim, module, prefix, names=("weight", "bias"))
-        elif isinstance(module, nn.GroupNorm):
-            self._check_params(node, module, {"weight", "bias"})
-            self._same_shape(x, node)
-            self._channel(node, 1, module, prefix, names=("weight", "bias"))
-            if 1 < module.num_groups < module.num_channels:
-                self.uf.block(self.ax(node, 1), module.num_groups)
-        elif type(module).__name__ in ("LayerScale", "LayerScale2d") and hasattr(module, "gamma"):
-            self._check_params(node, module, {"gamma"})
-            self._same_shape(x, node)
-            dim = 1 if type(module).__name__.endswith("2d") else -1
-            self._channel(node, dim, module, prefix, names=("gamma",))
-        elif isinstance(module, _ELEMENTWISE_MODULES):
-            if isinstance(module, nn.PReLU) and module.weight.numel() > 1:
-                self._same_shape(x, node)
-                self.join(self.ax(node, 1), self.par(prefix + "weight", 0))
-            else:
-                self._same_shape(x, node)
-        elif isinstance(module, _POOL_MODULES):
-            self._pool(x, node)
-        elif isinstance(module, nn.Flatten):
-            self._reshape(x, node)
-        elif type(module).__name__ == "SelectAdaptivePool2d":
-            self._pool(x, node)
-        else:
+        rule = next((rule for matches, rule in MODULE_RULES if _matches(matches, module)), None)
+        if rule is None:
             raise self.fail(node, f"module {type(module).__module__}.{type(module).__name__}")
+        rule(self, node, module, node.args[0] if node.args else None, f"{node.target}.")
+
+    def _linear(self, node: torch.fx.Node, module: nn.Module, x: Any, prefix: str) -> None:
+        self._check_params(node, module, {"weight", "bias"})
+        self._batch_dims(x, node, except_last=True)
+        self.join(self.ax(x, -1), self.par(prefix + "weight", 1))
+        self._channel(node, -1, module, prefix, weight_axis=0)
+
+    def _conv(self, node: torch.fx.Node, module: nn.Module, x: Any, prefix: str) -> None:
+        self._check_params(node, module, {"weight", "bias"})
+        self.join(self.ax(x, 0), self.ax(node, 0))
+        for d in range(2, len(_shape(node))):
+            self.uf.fix(self.ax(node, d))
+        groups = module.groups
+        if groups == 1:
+            self.join(self.ax(x, 1), self.par(prefix + "weight", 1))
+        elif module.in_channels == groups and module.out_channels == groups:  # depthwise
+            self.join(self.ax(x, 1), self.ax(node, 1))
+        else:  # grouped: keep channels in place (valid, if not optimal)
+            self.uf.fix(self.ax(x, 1))
+            self.uf.fix(self.ax(node, 1))
+            self.uf.fix(self.par(prefix + "weight", 1))
+        self._channel(node, 1, module, prefix, weight_axis=0)
+
+    def _batchnorm(self, node: torch.fx.Node, module: nn.Module, x: Any, prefix: str) -> None:
+        self._check_params(node, module, {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"})
+        self._same_shape(x, node)
+        self._channel(node, 1, module, prefix, names=("weight", "bias", "running_mean", "running_var"))
+
+    def _layer_norm(self, node: torch.fx.Node, module: nn.Module, x: Any, prefix: str) -> None:
+        shape = getattr(module, "normalized_shape", None) or getattr(module, "dim", None)
+        shape = (shape,) if isinstance(shape, int) else tuple(shape or ())
+        if len(shape) != 1:
+            raise self.fail(node, f"{type(module).__name__} over several axes")
+        self._check_params(node, module, {"weight", "bias"})
+        self._same_shape(x, node)
+        self._channel(node, 1 if type(module).__name__.endswith("2d") else -1, module, prefix, names=("weight", "bias"))
+
+    def _group_norm(self, node: torch.fx.Node, module: nn.Module, x: Any, prefix: str) -> None:
+        self._check_params(node, module, {"weight", "bias"})
+        self._same_shape(x, node)
+        self._channel(node, 1, module, prefix, names=("weight", "bias"))
+        if 1 < module.num_groups < module.num_channels:
+            self.uf.block(self.ax(node, 1), module.num_groups)
+
+    def _layer_scale(self, node: torch.fx.Node, module: nn.Module, x: Any, prefix: str) -> None:
+        self._check_params(node, module, {"gamma"})
+        self._same_shape(x, node)
+        self._channel(node, 1 if type(module).__name__.endswith("2d") else -1, module, prefix, names=("gamma",))
+
+    def _elementwise_module(self, node: torch.fx.Node, module: nn.Module, x: Any, prefix: str) -> None:
+        self._same_shape(x, node)
+        if isinstance(module, nn.PReLU) and module.weight.numel() > 1:  # one slope a channel
+            self.join(self.ax(node, 1), self.par(prefix + "weight", 0))
+
+    def _pool_module(self, node: torch.fx.Node, module: nn.Module, x: Any, prefix: str) -> None:
+        self._pool(x, node)
+
+    def _flatten_module(self, node: torch.fx.Node, module: nn.Module, x: Any, prefix: str) -> None:
+        self._reshape(x, node)
 
     def _check_params(self, node: torch.fx.Node, module: nn.Module, allowed: set[str]) -> None:
         names = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
@@ -426,8 +424,7 @@ class _Deriver:
 
     # -- attention ------------------------------------------------------------------------------
 
-    def _attention(self, node: torch.fx.Node, module: nn.Module, prefix: str) -> None:
-        x = node.args[0]
+    def _attention(self, node: torch.fx.Node, module: nn.Module, x: Any, prefix: str) -> None:
         heads, proj = module.num_heads, module.proj
         allowed = {"proj.weight", "proj.bias"}
         if hasattr(module, "qkv") and isinstance(module.qkv, nn.Linear):
@@ -485,53 +482,44 @@ class _Deriver:
     # -- functions and methods -----------------------------------------------------------------
 
     def _function(self, node: torch.fx.Node) -> None:
-        target = node.target
-        name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
-        out_shape = _shape(node)
-        multi = node.meta.get("tensor_meta") is not None and out_shape is None  # tuple of tensors
-        if out_shape is None and not multi:
-            if target is operator.getitem and _is_multi(node.args[0]):
-                return self._getitem_multi(node)
-            return  # ints, shapes, asserts: no tensor axes
-        args = [a for a in _flatten(node.args) if _shape(a) is not None]
-        is_method = node.op == "call_method"
-        if target is operator.getitem:
+        multi = node.meta.get("tensor_meta") is not None and _shape(node) is None  # a tuple of tensors
+        if node.target is operator.getitem:
             if _is_multi(node.args[0]):
                 return self._getitem_multi(node)
-            return self._index(node)
-        if (is_method and name in _ELEMENTWISE_METHODS) or (not is_method and target in _ELEMENTWISE_FUNCS):
-            return self._broadcast(node, args)
-        if (is_method and name in _REDUCE_METHODS) or (not is_method and target in (torch.mean, torch.sum)):
-            return self._reduce(node)
-        if (is_method and name in _RESHAPE_METHODS) or (not is_method and target in (torch.flatten, torch.reshape,
-                                                                                       torch.squeeze, torch.unsqueeze)):
-            return self._reshape(node.args[0], node)
-        if (is_method and name in ("permute", "transpose", "swapaxes", "movedim")) or \
-                (not is_method and target in (torch.permute, torch.transpose)):
-            return self._permute(node)
-        if is_method and name in ("expand", "expand_as"):
-            return self._broadcast(node, [node.args[0]])
-        if not is_method and target in _POOL_FUNCS:
-            return self._pool(node.args[0], node)
-        if not is_method and target in (torch.cat, torch.concat):
-            return self._cat(node)
-        if (is_method and name in ("matmul",)) or (not is_method and target in (operator.matmul, torch.matmul, torch.bmm)):
-            return self._matmul(node)
-        if not is_method and target is F.scaled_dot_product_attention:
-            return self._sdpa(node)
-        if not is_method and target is F.layer_norm:
-            return self._functional_norm(node)
-        if not is_method and name == "resample_abs_pos_embed":
-            src = node.args[0]
-            self.join(self.ax(src, -1), self.ax(node, -1))
-            for d in range(len(out_shape) - 1):
-                self.uf.fix(self.ax(node, d))
-                self.uf.fix(self.ax(src, d))
+            if _shape(node) is not None:
+                self._index(node)
             return
-        if multi and ((is_method and name in ("unbind", "chunk", "split", "tensor_split"))
-                      or (not is_method and target in (torch.unbind, torch.chunk, torch.split))):
+        if _shape(node) is None and not multi:
+            return  # ints, shapes, asserts: no tensor axes
+        name = _target_name(node)
+        if multi:
+            if name not in _SPLITS:
+                raise self.fail(node, f"{name}()")
             return self._split(node, name)
-        raise self.fail(node, f"{name}()")
+        rule = (METHOD_RULES.get(name) if node.op == "call_method" else FUNCTION_RULES.get(node.target)
+                ) or FUNCTION_NAME_RULES.get(name)
+        if rule is None:
+            raise self.fail(node, f"{name}()")
+        rule(self, node)
+
+    def _elementwise(self, node: torch.fx.Node) -> None:
+        self._broadcast(node, [a for a in _flatten(node.args) if _shape(a) is not None])
+
+    def _expand(self, node: torch.fx.Node) -> None:
+        self._broadcast(node, [node.args[0]])
+
+    def _reshape_node(self, node: torch.fx.Node) -> None:
+        self._reshape(node.args[0], node)
+
+    def _pool_node(self, node: torch.fx.Node) -> None:
+        self._pool(node.args[0], node)
+
+    def _resample_pos_embed(self, node: torch.fx.Node) -> None:
+        src = node.args[0]
+        self.join(self.ax(src, -1), self.ax(node, -1))
+        for d in range(len(_shape(node)) - 1):
+            self.uf.fix(self.ax(node, d))
+            self.uf.fix(self.ax(src, d))
 
     def _broadcast(self, node: torch.fx.Node, args: list[torch.fx.Node]) -> None:
         out_shape = _shape(node)
@@ -735,3 +723,70 @@ def _flatten(args: Any) -> list[Any]:
             out.append(a)
     return out
 
+
+def _target_name(node: torch.fx.Node) -> str:
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+Matcher = Any  # a module type, a tuple of types, or a predicate on the module
+
+
+def _matches(matcher: Matcher, module: nn.Module) -> bool:
+    if isinstance(matcher, (type, tuple)):
+        return isinstance(module, matcher)
+    return bool(matcher(module))
+
+
+def _is_conv(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.conv._ConvNd) and not module.transposed
+
+
+def _is_layer_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))) or _is_timm_norm(module)
+
+
+def _is_layer_scale(module: nn.Module) -> bool:
+    return type(module).__name__ in ("LayerScale", "LayerScale2d") and hasattr(module, "gamma")
+
+
+def _is_pool(module: nn.Module) -> bool:
+    return isinstance(module, _POOL_MODULES) or type(module).__name__ == "SelectAdaptivePool2d"
+
+
+# The rule of each leaf module, tried in order: (matcher, rule(deriver, node, module, input, prefix)).
+MODULE_RULES: list[tuple[Matcher, Any]] = [
+    (_is_attention, _Deriver._attention),
+    (nn.Linear, _Deriver._linear),
+    (_is_conv, _Deriver._conv),
+    (nn.modules.batchnorm._BatchNorm, _Deriver._batchnorm),
+    (_is_layer_norm, _Deriver._layer_norm),
+    (nn.GroupNorm, _Deriver._group_norm),
+    (_is_layer_scale, _Deriver._layer_scale),
+    (_ELEMENTWISE_MODULES, _Deriver._elementwise_module),
+    (_is_pool, _Deriver._pool_module),
+    (nn.Flatten, _Deriver._flatten_module),
+]
+# The rule of each function (by object) and tensor method (by name): rule(deriver, node).
+FUNCTION_RULES: dict[Any, Any] = {
+    **{f: _Deriver._elementwise for f in _ELEMENTWISE_FUNCS},
+    **{f: _Deriver._reduce for f in (torch.mean, torch.sum)},
+    **{f: _Deriver._reshape_node for f in (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze)},
+    **{f: _Deriver._permute for f in (torch.permute, torch.transpose)},
+    **{f: _Deriver._pool_node for f in _POOL_FUNCS},
+    **{f: _Deriver._cat for f in (torch.cat, torch.concat)},
+    **{f: _Deriver._matmul for f in (operator.matmul, torch.matmul, torch.bmm)},
+    F.scaled_dot_product_attention: _Deriver._sdpa,
+    F.layer_norm: _Deriver._functional_norm,
+}
+METHOD_RULES: dict[str, Any] = {
+    **{m: _Deriver._elementwise for m in _ELEMENTWISE_METHODS},
+    **{m: _Deriver._reduce for m in _REDUCE_METHODS},
+    **{m: _Deriver._reshape_node for m in _RESHAPE_METHODS},
+    **{m: _Deriver._permute for m in ("permute", "transpose", "swapaxes", "movedim")},
+    **{m: _Deriver._expand for m in ("expand", "expand_as")},
+    "matmul": _Deriver._matmul,
+}
+# Functions known by name (wrapped by timm, so their objects differ between versions).
+FUNCTION_NAME_RULES: dict[str, Any] = {"resample_abs_pos_embed": _Deriver._resample_pos_embed}
+_SPLITS = ("unbind", "chunk", "split", "tensor_split")
