@@ -7,14 +7,18 @@ answers at once.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -29,14 +33,52 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console()
 err_console = Console(stderr=True)
 
-DeviceOption = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N (auto = cuda if available)")]
-ArchOption = Annotated[Optional[str], typer.Option("--arch", "-a", help="timm architecture of flat checkpoint files")]
-ModelArgsOption = Annotated[Optional[str], typer.Option("--model-args", metavar="JSON",
-                                                        help='timm model args as JSON, e.g. \'{"in_chans": 1}\'')]
-JsonOption = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
-SkipBadOption = Annotated[bool, typer.Option("--skip-bad", help="drop unreadable or mismatching members with a warning")]
-ForceOption = Annotated[bool, typer.Option("--force", help="replace an existing output that wgen wrote")]
+# Options several commands share, added to a command's signature by @shared (Typer reads the signature).
+SHARED_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "arch": (Annotated[Optional[str], typer.Option("--arch", "-a", help="timm architecture of flat checkpoint files")],
+             None),
+    "model_args": (Annotated[Optional[str], typer.Option("--model-args", metavar="JSON",
+                                                         help='timm model args as JSON, e.g. \'{"in_chans": 1}\'')], None),
+    "skip_bad": (Annotated[bool, typer.Option("--skip-bad", help="drop unreadable or mismatching members with a warning")],
+                 False),
+    "device": (Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N (auto = cuda if available)")],
+               "auto"),
+    "force": (Annotated[bool, typer.Option("--force", help="replace an existing output that wgen wrote")], False),
+    "as_json": (Annotated[bool, typer.Option("--json", help="print the result as JSON")], False),
+}
+
+
 OutOption = Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="output folder (re-run the same command to resume)")]
+
+
+@dataclass
+class Shared:
+    """The shared options of one command call (those the command takes; the others keep their defaults)."""
+
+    arch: Optional[str] = None
+    model_args: Optional[str] = None
+    skip_bad: bool = False
+    device: str = "auto"
+    force: bool = False
+    as_json: bool = False
+
+
+def shared(*names: str) -> Any:
+    """Return a decorator adding the options ``names`` of SHARED_OPTIONS to a command, passed to it as ``opts``."""
+    def add(command: Any) -> Any:
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name != "opts"]
+        extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=SHARED_OPTIONS[name][0],
+                                   default=SHARED_OPTIONS[name][1]) for name in names]
+
+        @functools.wraps(command)
+        def run(**kwargs: Any) -> Any:
+            return command(**{k: v for k, v in kwargs.items() if k not in names},
+                           opts=Shared(**{k: kwargs[k] for k in names}))
+
+        run.__signature__ = signature.replace(parameters=[*own, *extra])  # type: ignore[attr-defined]
+        return run
+    return add
 
 
 @contextlib.contextmanager
@@ -45,9 +87,9 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except WgenError as exc:
-        err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True, markup=True)
+        err_console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False, soft_wrap=True)
         if exc.hint:
-            err_console.print(f"[dim]hint: {exc.hint}[/]", highlight=False, soft_wrap=True)
+            err_console.print(f"[dim]hint: {escape(exc.hint)}[/]", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -104,19 +146,36 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+def _root(ctx: typer.Context,
+          version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                 help="print the version and exit")] = False) -> None:
     """wgen: zoo -> canonicalize -> train -> sample -> eval."""
+    _list_registered_kinds(ctx.command)
 
 
-@app.command()
+def _list_registered_kinds(group: Any) -> None:
+    """Name every registered space and net in ``wgen train --help``, plug-ins registered after import included."""
+    help_of = {"space": _space_help(), "net": _net_help()}
+    for param in group.commands["train"].params:
+        if param.name in help_of:
+            param.help = help_of[param.name]
+
+
+def _space_help() -> str:
+    return f"weight space: {' | '.join(space_choices())} (auto: full up to {FULL_SPACE_MAX_DIM:,} values, else pca)"
+
+
+def _net_help() -> str:
+    return f"velocity net: {' | '.join(NETS.names())}"
+
+
+@shared("model_args", "device", "force", "as_json")
 def zoo(
     arch: Annotated[str, typer.Option("--arch", "-a", help="timm architecture, e.g. test_resnet")],
     data: Annotated[str, typer.Option("--data", "-d", metavar="SPEC",
                                       help="digits | imagefolder:PATH | cifar10:PATH | cifar100:PATH | npz:PATH")],
     out: OutOption,
     count: Annotated[int, typer.Option("--count", "-n", help="number of members")] = 8,
-    model_args: ModelArgsOption = None,
     img_size: Annotated[Optional[int], typer.Option(help="input size for size-flexible models (default: 32 for digits/CIFAR)")] = None,
     seed_start: Annotated[int, typer.Option(help="member i is trained from seed SEED_START + i")] = 0,
     split_seed: Annotated[int, typer.Option(help="seed of the train/val/test split")] = 0,
@@ -131,9 +190,7 @@ def zoo(
     label_smoothing: Annotated[float, typer.Option(help="label smoothing of the loss")] = 0.0,
     init: Annotated[Optional[Path], typer.Option(metavar="PATH", help="fine-tune every member from this checkpoint")] = None,
     shard: Annotated[Optional[str], typer.Option(metavar="I/N", help="train members I, I+N, ... only")] = None,
-    device: DeviceOption = "auto",
-    force: ForceOption = False,
-    as_json: JsonOption = False,
+    opts: Shared = Shared(),
 ) -> None:
     """Train a zoo of N members of one timm architecture (only if you have none)."""
     from dataclasses import asdict
@@ -144,42 +201,41 @@ def zoo(
     from .zoo import Recipe, parse_shard, plan_zoo, train_zoo, zoo_summary
 
     with user_errors():
-        recipe = Recipe(arch, data, parse_model_args(model_args), img_size, SplitSpec(split_seed), seed_start,
+        recipe = Recipe(arch, data, parse_model_args(opts.model_args), img_size, SplitSpec(split_seed), seed_start,
                         epochs, lr, batch_size, optimizer, weight_decay, normalized_decay, warmup_epochs,
                         label_smoothing, str(init) if init else None)
         shard_spec = parse_shard(shard)
-        torch_device = resolve_device(device)
+        torch_device = resolve_device(opts.device)
         plan = plan_zoo(recipe)
-        with RichProgress(quiet=as_json) as progress:
-            records = train_zoo(plan, out, count, torch_device, shard_spec, force, progress)
-    if as_json:
+        with RichProgress(quiet=opts.as_json) as progress:
+            records = train_zoo(plan, out, count, torch_device, shard_spec, opts.force, progress)
+    if opts.as_json:
         print(json.dumps({"out": str(out), "members": [asdict(r) for r in records]}, indent=2))
         return
     show(zoo_summary(records, f"zoo {out}  ({arch} on {data}, device {torch_device})"))
 
 
 @app.command()
+@shared("arch", "model_args", "skip_bad", "as_json")
 def info(
     path: Annotated[Path, typer.Argument(metavar="PATH", help="a zoo, canonical zoo, generator, samples folder, member or checkpoint file")],
-    arch: ArchOption = None,
-    model_args: ModelArgsOption = None,
-    skip_bad: SkipBadOption = False,
-    as_json: JsonOption = False,
+    opts: Shared = Shared(),
 ) -> None:
     """Say what PATH is: kind, architecture, members, parameters, accuracies."""
     from .checkpoints import parse_model_args
     from .info import describe, info_summary
 
     with user_errors():
-        report = describe(path, arch, parse_model_args(model_args), skip_bad)
+        report = describe(path, opts.arch, parse_model_args(opts.model_args), opts.skip_bad)
     _warn_skipped(report["skipped"])
-    if as_json:
+    if opts.as_json:
         print(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=2))
         return
     show(info_summary(report))
 
 
 @app.command()
+@shared("arch", "model_args", "skip_bad", "device", "force", "as_json")
 def canonicalize(
     zoo_path: Annotated[Path, typer.Argument(metavar="ZOO", help="zoo folder (or checkpoint folder with --arch)")],
     out: OutOption,
@@ -190,12 +246,7 @@ def canonicalize(
                                                 help="also measure the interpolation barrier on this data")] = None,
     barrier_pairs: Annotated[int, typer.Option(help="member pairs for the barrier")] = 3,
     seed: Annotated[int, typer.Option(help="seed of restarts and barrier pairs")] = 0,
-    arch: ArchOption = None,
-    model_args: ModelArgsOption = None,
-    skip_bad: SkipBadOption = False,
-    device: DeviceOption = "auto",
-    force: ForceOption = False,
-    as_json: JsonOption = False,
+    opts: Shared = Shared(),
 ) -> None:
     """Permutation-align a zoo to one template; every member is verified to compute the same function."""
     from .permute.canonicalize import CanonOptions, canonical_summary
@@ -203,25 +254,25 @@ def canonicalize(
     from .runtime import resolve_device
 
     with user_errors():
-        torch_device = resolve_device(device)
-        zoo_obj = _open_input(zoo_path, arch, model_args, skip_bad)
+        torch_device = resolve_device(opts.device)
+        zoo_obj = _open_input(zoo_path, opts)
         options = CanonOptions(method, template, restarts, seed, data, barrier_pairs)
-        with RichProgress(quiet=as_json) as progress:
-            report = run(zoo_obj, out, options, torch_device, force, progress)
-    if as_json:
+        with RichProgress(quiet=opts.as_json) as progress:
+            report = run(zoo_obj, out, options, torch_device, opts.force, progress)
+    if opts.as_json:
         print(json.dumps(report, indent=2))
         return
     show(canonical_summary(report, out))
 
 
 @app.command()
+@shared("arch", "model_args", "skip_bad", "device", "force", "as_json")
 def train(
     zoo_path: Annotated[Path, typer.Argument(metavar="ZOO", help="canonical zoo (or any zoo)")],
     out: OutOption,
-    space: Annotated[str, typer.Option(help=f"weight space: {' | '.join(space_choices())} (auto: full up to "
-                                            f"{FULL_SPACE_MAX_DIM:,} values, else pca)")] = "auto",
+    space: Annotated[str, typer.Option(help=_space_help())] = "auto",
     components: Annotated[Optional[int], typer.Option(help="pca space: components (default: training members - 1)")] = None,
-    net: Annotated[str, typer.Option(help=f"velocity net: {' | '.join(NETS.names())}")] = "mlp",
+    net: Annotated[str, typer.Option(help=_net_help())] = "mlp",
     width: Annotated[Optional[int], typer.Option(help="velocity net width (mlp default 512)")] = None,
     depth: Annotated[Optional[int], typer.Option(help="velocity net blocks (mlp default 3)")] = None,
     steps: Annotated[int, typer.Option(help="optimizer steps")] = 5000,
@@ -236,12 +287,7 @@ def train(
     holdout: Annotated[float, typer.Option(help="fraction of members kept out of training")] = 0.1,
     checkpoint_every: Annotated[int, typer.Option(help="write a resumable checkpoint every K steps")] = 500,
     seed: Annotated[int, typer.Option(help="seed of init, noise, times and holdout")] = 0,
-    arch: ArchOption = None,
-    model_args: ModelArgsOption = None,
-    skip_bad: SkipBadOption = False,
-    device: DeviceOption = "auto",
-    force: ForceOption = False,
-    as_json: JsonOption = False,
+    opts: Shared = Shared(),
 ) -> None:
     """Fit a flow-matching generator in weight space (GPU if present; torchrun for several)."""
     from .flow.distributed import is_main_process
@@ -249,23 +295,24 @@ def train(
     from .runtime import resolve_device
 
     with user_errors():
-        torch_device = resolve_device(device)
+        torch_device = resolve_device(opts.device)
         space_args = {"components": components} if components is not None else {}
         net_args = {k: v for k, v in (("width", width), ("depth", depth)) if v is not None}
         config = TrainConfig(space, space_args, net, net_args, steps, batch_size, lr, weight_decay, warmup_steps,
                              grad_clip, ema_decay, time_sampling, ot, holdout, seed, checkpoint_every)
-        zoo_obj = _open_input(zoo_path, arch, model_args, skip_bad)
-        with RichProgress(quiet=as_json or not is_main_process()) as progress:
-            result = train_generator(zoo_obj, out, config, torch_device, force, progress)
+        zoo_obj = _open_input(zoo_path, opts)
+        with RichProgress(quiet=opts.as_json or not is_main_process()) as progress:
+            result = train_generator(zoo_obj, out, config, torch_device, opts.force, progress)
     if result is None:  # a rank other than 0 of a torchrun job
         return
-    if as_json:
+    if opts.as_json:
         print(json.dumps({k: v for k, v in result.to_json().items() if k != "history"}, indent=2))
         return
     show(generator_summary(result, out))
 
 
 @app.command()
+@shared("device", "force", "as_json")
 def sample(
     generator_path: Annotated[Path, typer.Argument(metavar="GEN", help="generator folder from wgen train")],
     out: OutOption,
@@ -279,9 +326,7 @@ def sample(
     project: Annotated[bool, typer.Option(help="pca spaces: put end points back on the sphere the members lie on")] = True,
     min_radius: Annotated[float, typer.Option(help="pca spaces: reject end points inside this fraction of that sphere "
                                                    "(blends of members; 0 keeps all, as does --no-project)")] = 0.8,
-    device: DeviceOption = "auto",
-    force: ForceOption = False,
-    as_json: JsonOption = False,
+    opts: Shared = Shared(),
 ) -> None:
     """Sample N new checkpoints (timm local-dir folders + manifest.json); re-run to resume."""
     from .flow.generator import load_generator
@@ -290,19 +335,20 @@ def sample(
     from .runtime import resolve_device
 
     with user_errors():
-        torch_device = resolve_device(device)
+        torch_device = resolve_device(opts.device)
         options = SampleOptions(count, solver, steps, batch_size, seed, calibrate, project, min_radius)
         options.check()
         generator = load_generator(generator_path, torch_device)
-        with RichProgress(quiet=as_json) as progress:
-            manifest = run(generator, out, options, torch_device, force, progress)
-    if as_json:
+        with RichProgress(quiet=opts.as_json) as progress:
+            manifest = run(generator, out, options, torch_device, opts.force, progress)
+    if opts.as_json:
         print(json.dumps({k: v for k, v in manifest.items() if k != "samples"}, indent=2))
         return
     show(sample_summary(manifest, out))
 
 
 @app.command(name="eval")
+@shared("device", "as_json")
 def eval_command(
     target: Annotated[Path, typer.Argument(metavar="SAMPLES", help="samples folder (or any zoo)")],
     zoo_path: Annotated[Optional[Path], typer.Option("--zoo", metavar="ZOO",
@@ -315,30 +361,30 @@ def eval_command(
     soup_k: Annotated[int, typer.Option(help="members per soup baseline")] = 3,
     baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="build baselines from the zoo")] = True,
     seed: Annotated[int, typer.Option(help="seed of the baselines")] = 0,
-    device: DeviceOption = "auto",
-    as_json: JsonOption = False,
+    opts: Shared = Shared(),
 ) -> None:
     """Accuracy, ensembles, diversity and novelty of samples, next to the zoo and baselines."""
     from .evaluate import EvalOptions, eval_summary, evaluate_models, parse_scales, write_report
     from .runtime import resolve_device
 
     with user_errors():
-        torch_device = resolve_device(device)
+        torch_device = resolve_device(opts.device)
         options = EvalOptions(data, split, parse_scales(noise_scales), soup_k, seed, baselines)
-        with RichProgress(quiet=as_json) as progress:
+        with RichProgress(quiet=opts.as_json) as progress:
             report = evaluate_models(target, zoo_path, options, torch_device, progress)
         write_report(report, out, plot)
-    if as_json:
+    if opts.as_json:
         print(json.dumps(report, indent=2))
         return
     show(eval_summary(report, out, plot))
 
 
 @app.command()
+@shared("device")
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR",
                                       help="folder for every stage's output (re-run to resume)")] = Path("wgen-demo"),
-    device: DeviceOption = "auto",
+    opts: Shared = Shared(),
 ) -> None:
     """The whole chain on built-in digits: zoo -> canonicalize -> train -> sample -> eval."""
     from .demo import run_demo
@@ -348,16 +394,16 @@ def demo(
     started = time.perf_counter()
     with user_errors():
         with RichProgress() as progress:
-            report = run_demo(out, resolve_device(device), progress=progress)
+            report = run_demo(out, resolve_device(opts.device), progress=progress)
     show(eval_summary(report, out / "report.json", out / "report.png"))
     console.print(f"demo finished in {time.perf_counter() - started:.0f}s")
 
 
-def _open_input(path: Path, arch: Optional[str], model_args: Optional[str], skip_bad: bool) -> Any:
+def _open_input(path: Path, opts: Shared) -> Any:
     """Open the zoo a command reads, warning about each member --skip-bad dropped."""
     from .checkpoints import open_zoo, parse_model_args
 
-    zoo_obj = open_zoo(path, arch, parse_model_args(model_args), skip_bad)
+    zoo_obj = open_zoo(path, opts.arch, parse_model_args(opts.model_args), opts.skip_bad)
     _warn_skipped(zoo_obj.skipped)
     return zoo_obj
 
