@@ -67,28 +67,65 @@ def test_eval_reports_every_metric_for_every_set(chain: dict[str, Path], tmp_pat
                      "--plot", plot_path, "--noise-scales", "0.01,0.3", "--soup-k", "2")
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
-    assert list(report["sets"]) == ["zoo", "samples", "noise 0.01", "noise 0.3", "interpolation", "soup of 2"]
-    assert len(report["training_members"]) == 5 and report["holdout_members"] == 1
+    baselines = ["noise 0.01", "noise 0.3", "gaussian", "interpolation", "soup of 2"]
+    assert list(report["sets"]) == ["samples", "samples + BN", "zoo", "held-out",
+                                    *(name + suffix for name in baselines for suffix in ("", " + BN"))]
     for name, s in report["sets"].items():
         for key in ("accuracy", "nll", "ece", "ensemble", "disagreement", "nn_ratio", "max_error_iou",
-                    "nn_agreement", "copy_rate"):
+                    "max_agreement", "copy_rate"):
             assert key in s, (name, key)
-        assert s["models"] == (5 if name == "zoo" else 8)
+        assert s["models"] == {"zoo": 5, "held-out": 1}.get(name, 8)
+        assert s["baseline"] == (name.removesuffix(" + BN") in baselines)
         if name != "zoo":
             assert "holdout_nearer" in s
     assert report["sets"]["zoo"]["nn_ratio"]["mean"] == pytest.approx(1.0)
-    noise = report["sets"]
-    assert noise["noise 0.01"]["nn_distance"]["mean"] < noise["noise 0.3"]["nn_distance"]["mean"]
+    sets = report["sets"]
+    assert sets["noise 0.01"]["nn_distance"]["mean"] < sets["noise 0.3"]["nn_distance"]["mean"]
+    assert sets["held-out"]["holdout_nearer"] == 1.0  # a held-out member is nearest to itself
+    bars = report["yardstick"]
+    assert bars["source"] == "held-out" and bars["accuracy_bar"] == pytest.approx(sets["held-out"]["accuracy"]["mean"] - 0.01)
+    assert bars["agreement_bar"] == pytest.approx(sets["held-out"]["max_agreement"]["median"])
+    assert set(report["headline"]) >= {"samples", "samples + BN", "held-out", "gaussian", "interpolation + BN"}
+    assert report["headline"]["held-out"] == {"0.3": 1.0, "0.5": 1.0, "0.8": 1.0}  # one member: it sets both bars
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["sampling"] == {"asked": 8, "rejected": 0, "reasons": {}, "solver": "rk4", "steps": 5,
                                   "projected": True}
-    assert "samples: 8 asked, 0 rejected: the sets above hold the rest" in " ".join(result.stdout.split())
+    text = " ".join(result.stdout.split())
+    assert "samples: 8 asked, 0 rejected: the sets above hold the rest" in text and "accurate (>=" in text
     # the recorded test accuracy of each zoo member is what eval measures for it
     zoo_json = json.loads((chain["canon"] / "zoo.json").read_text())
+    generator = json.loads((chain["gen"] / "config.json").read_text())
     recorded = {m["name"]: m["test_accuracy"] for m in zoo_json["members"]}
-    measured = dict(zip(report["training_members"], report["sets"]["zoo"]["per_model_accuracy"]))
+    measured = dict(zip(generator["members"]["train"], report["sets"]["zoo"]["per_model_accuracy"]))
     for name, accuracy in measured.items():
         assert accuracy == pytest.approx(recorded[name], abs=1e-6)
+
+
+def test_accurate_and_novel_counts_both_bars() -> None:
+    from wgen.novelty import accurate_and_novel
+
+    accuracy = torch.tensor([0.9, 0.9, 0.7, 0.9])
+    measures = {"nn_ratio": torch.tensor([0.9, 0.4, 0.9, 0.9]), "max_agreement": torch.tensor([0.8, 0.8, 0.8, 0.95])}
+    shares = accurate_and_novel(accuracy, measures, accuracy_bar=0.85, agreement_bar=0.9, thresholds=(0.3, 0.5))
+    assert shares == {"0.3": 0.5, "0.5": 0.25}  # the second is too near, the third too weak, the fourth agrees too much
+
+
+def test_a_permuted_copy_is_not_new(chain: dict[str, Path]) -> None:
+    from wgen.checkpoints import open_zoo
+    from wgen.novelty import nearest_distances, reference
+    from wgen.permute.groups import derive_groups
+    from wgen.permute.match import apply_alignment, random_alignment
+
+    zoo = open_zoo(chain["canon"])
+    states = [zoo.load(m) for m in zoo.members]
+    keys = sorted(k for k, _ in zoo.spec.create().named_parameters())
+    spec = derive_groups(zoo.spec.create(), (3, 32, 32))
+    train, copy = states[:5], states[5]
+    permuted = apply_alignment(copy, random_alignment(spec, copy, torch.Generator().manual_seed(1)))
+    plain = reference(train + [copy], [], torch.zeros(6, 2, 10), torch.zeros(2, dtype=torch.long), keys, spec, 0)
+    rematched = reference(train + [copy], [], torch.zeros(6, 2, 10), torch.zeros(2, dtype=torch.long), keys, spec, 3)
+    assert float(nearest_distances([permuted], plain)[0]) > 0.5 * plain.nn_distance  # plain L2 is fooled
+    assert float(nearest_distances([permuted], rematched)[0]) < 1e-4  # re-matching finds the copy
 
 
 def test_eval_of_a_zoo_alone(chain: dict[str, Path], run_cli) -> None:
@@ -96,7 +133,7 @@ def test_eval_of_a_zoo_alone(chain: dict[str, Path], run_cli) -> None:
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert list(report["sets"]) == ["models"] and report["data"] == "digits"
-    assert "nn_ratio" not in report["sets"]["models"]
+    assert "nn_ratio" not in report["sets"]["models"] and "headline" not in report
 
 
 def test_eval_with_a_mismatching_zoo(chain: dict[str, Path], tmp_path: Path, run_cli) -> None:

@@ -2,10 +2,12 @@
 
 - ``noise S``: a random training member plus Gaussian noise, per tensor, at ``S`` times the tensor's RMS;
 - ``interpolation``: a random point on the straight line between two random aligned members;
-- ``soup of k``: the uniform average of ``k`` random aligned members.
+- ``soup of k``: the uniform average of ``k`` random aligned members;
+- ``gaussian``: every value drawn independently from a Gaussian fitted to the aligned members
+  (per-value mean and standard deviation).
 
-Averaged weights come with averaged BatchNorm statistics, which fit neither parent: interpolations
-and soups get theirs re-estimated on the train split, as the canonicalize barrier does.
+Each is built as it is; the eval command also measures it with BatchNorm statistics re-estimated on
+the train split (averaged weights come with averaged statistics, which fit neither parent).
 """
 
 from __future__ import annotations
@@ -13,10 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
-
-from .checkpoints import ModelSpec
-from .data import SplitData
-from .metrics import recalibrated
 
 StateDict = dict[str, torch.Tensor]
 
@@ -55,12 +53,28 @@ def soups(train: list[StateDict], count: int, k: int, generator: torch.Generator
     return out
 
 
+def gaussian(train: list[StateDict], count: int, generator: torch.Generator) -> list[StateDict]:
+    """Return ``count`` states drawn value by value from a Gaussian fitted to the training members."""
+    out = []
+    floats = [k for k, v in train[0].items() if v.is_floating_point()]
+    mean = {k: torch.stack([s[k] for s in train]).mean(dim=0) for k in floats}
+    std = {k: torch.stack([s[k] for s in train]).std(dim=0) for k in floats}
+    for _ in range(count):
+        state = dict(train[0])
+        for k in floats:
+            state[k] = mean[k] + std[k] * torch.randn(mean[k].shape, generator=generator)
+            if k.endswith("running_var"):
+                state[k] = state[k].clamp_min(1e-5)  # a variance must stay positive
+        out.append(state)
+    return out
+
+
 def baseline_builders(train: list[StateDict], count: int, noise_scales: tuple[float, ...], soup_k: int,
-                      keys: list[str], spec: ModelSpec, data: SplitData, device: torch.device,
-                      generator: torch.Generator) -> Iterator[tuple[str, Callable[[], list[StateDict]]]]:
+                      keys: list[str], generator: torch.Generator) -> Iterator[tuple[str, Callable[[], list[StateDict]]]]:
     """Yield ``(name, build)`` for every baseline; ``build()`` returns its ``count`` state dicts (built lazily)."""
     for scale in noise_scales:
         yield f"noise {scale:g}", lambda scale=scale: noisy(train, count, scale, keys, generator)
-    yield "interpolation", lambda: recalibrated(spec, interpolations(train, count, generator), data, device)
+    yield "gaussian", lambda: gaussian(train, count, generator)
+    yield "interpolation", lambda: interpolations(train, count, generator)
     k = min(soup_k, len(train))
-    yield f"soup of {k}", lambda: recalibrated(spec, soups(train, count, k, generator), data, device)
+    yield f"soup of {k}", lambda: soups(train, count, k, generator)

@@ -169,6 +169,7 @@ def _net_help() -> str:
     return f"velocity net: {' | '.join(NETS.names())}"
 
 
+@app.command()
 @shared("model_args", "device", "force", "as_json")
 def zoo(
     arch: Annotated[str, typer.Option("--arch", "-a", help="timm architecture, e.g. test_resnet")],
@@ -357,19 +358,25 @@ def eval_command(
     split: Annotated[str, typer.Option(help="train | val | test")] = "test",
     out: Annotated[Optional[Path], typer.Option("--out", metavar="FILE", help="write the JSON report here")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", metavar="FILE", help="write the PNG figure here")] = None,
-    noise_scales: Annotated[str, typer.Option(help="relative scales of the noise baselines, comma-separated")] = "0.01,0.03,0.1,0.3",
+    noise_scales: Annotated[str, typer.Option(help="relative scales of the noise baselines, comma-separated")] = "0.05,0.1,0.2,0.3,0.5,0.8",
     soup_k: Annotated[int, typer.Option(help="members per soup baseline")] = 3,
     baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="build baselines from the zoo")] = True,
+    recalibrate: Annotated[bool, typer.Option("--recalibrate/--no-recalibrate",
+                                              help="also measure samples and baselines with BatchNorm re-estimated on "
+                                                   "the train split")] = True,
+    rematch: Annotated[int, typer.Option(help="nearest training members each model is re-matched to by weight "
+                                              "matching before distances count")] = 3,
     seed: Annotated[int, typer.Option(help="seed of the baselines")] = 0,
     opts: Shared = Shared(),
 ) -> None:
-    """Accuracy, ensembles, diversity and novelty of samples, next to the zoo and baselines."""
+    """Are the samples new networks as good as fresh runs? Quality and novelty next to held-out members and baselines."""
     from .evaluate import EvalOptions, eval_summary, evaluate_models, parse_scales, write_report
     from .runtime import resolve_device
 
     with user_errors():
         torch_device = resolve_device(opts.device)
-        options = EvalOptions(data, split, parse_scales(noise_scales), soup_k, seed, baselines)
+        options = EvalOptions(data, split, parse_scales(noise_scales), soup_k, seed, baselines, recalibrate,
+                              rematch=rematch)
         with RichProgress(quiet=opts.as_json) as progress:
             report = evaluate_models(target, zoo_path, options, torch_device, progress)
         write_report(report, out, plot)

@@ -1,25 +1,29 @@
-"""`wgen eval`: what samples are worth, next to the zoo and to cheap baselines with the same count.
+"""`wgen eval`: are the samples new networks, as good as fresh training runs? Judged against every baseline.
 
-For each set of models (the samples, the zoo's training members, and baselines built from those
-members) it reports accuracy/NLL/ECE per model, the ensemble curve, prediction diversity, and
-novelty against the zoo's *training* members (held-out members are kept apart):
+The protocol (after Zeng et al. 2025, "Generative Modeling of Weights: Generalization or
+Memorization?"). Every set of models is measured on the evaluation split (the test split unless
+told otherwise; nothing is tuned on it): accuracy, NLL, calibration, ensembles, disagreement, and
+novelty against the generator's *training* members (``novelty.py``: nearest distance re-matched by
+weight matching, its ratio to the zoo's own nearest-neighbour distance, the largest agreement and
+error overlap with a training member). The sets:
 
-- ``nn_ratio``: L2 distance (canonical weight space, parameters only) to the nearest training
-  member, over the zoo's own mean train-to-train nearest-neighbour distance;
-- ``max_error_iou``: the largest IoU, over training members, of the sets of misclassified examples;
-- ``nn_agreement``: top-1 agreement with the nearest training member;
-- ``copy_rate``: share nearer to a training member than the 5th percentile of train-to-train
-  distances;
-- ``holdout_nearer``: share nearer to a held-out member than to any training member.
+- ``held-out``: the zoo members the generator never saw, the yardstick of a fresh training run;
+- ``samples`` as written, and ``samples + BN`` with BatchNorm statistics re-estimated on the train split;
+- baselines built from the training members with the samples' count, each as built and ``+ BN``:
+  members plus noise at several scales, a per-value Gaussian fitted to the members, interpolations
+  of member pairs, soups of k members (``baselines.py``);
+- ``zoo``: the training members, each against the others.
 
-Baselines: training members plus Gaussian noise at several relative scales, linear interpolations of
-random aligned pairs, and uniform soups of ``k`` random aligned members.
+The headline is the share of a set's models that are *accurate* (at least the held-out members'
+mean accuracy minus one point) and *novel* (NN ratio at least 0.3 / 0.5 / 0.8, and largest agreement
+with a training member no higher than the held-out members' median). For noise the headline takes
+the largest scale whose mean accuracy still reaches the samples' (or the most accurate scale when
+none does), with and without BN.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,32 +35,42 @@ from .data import SPLITS, SplitData, data_for_zoo
 from .errors import WgenError
 from .flow.generator import GeneratorConfig, read_generator_config
 from .flow.sample import MANIFEST_JSON, reason_text, rejection_counts
-from .metrics import ensemble_curve, error_iou, flatten, mean_disagreement, per_model_metrics, stacked_logits
+from .metrics import ensemble_curve, mean_disagreement, per_model_metrics, recalibrated, stacked_logits
+from .novelty import Reference, accurate_and_novel, novelty, reference, summary
 from .outputs import atomic_write_json, refuse_overlap
 from .progress import SILENT, Progress
 from .tables import Summary, TextTable, pct
 from .version import __version__
 
+BN = " + BN"  # the suffix of a set measured with BatchNorm statistics re-estimated on the train split
+ENSEMBLE_SIZE = 16
+
 
 @dataclass(frozen=True)
 class EvalOptions:
-    """What to evaluate on and which baselines to build."""
+    """What to evaluate on, which baselines to build, and the thresholds of the headline."""
 
     data: str | None = None
     split: str = "test"
-    noise_scales: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)
+    noise_scales: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 0.8)
     soup_k: int = 3
     seed: int = 0
     baselines: bool = True
+    recalibrate: bool = True  # also measure every set with BatchNorm re-estimated on the train split
+    thresholds: tuple[float, ...] = (0.3, 0.5, 0.8)  # NN ratios that count as novel
+    margin: float = 0.01  # accurate: at least the held-out mean accuracy minus this
+    rematch: int = 3  # nearest training members each model is re-matched to by weight matching
 
     def check(self) -> None:
         """Raise a WgenError for an option out of range."""
         if self.split not in SPLITS:
             raise WgenError(f"unknown --split {self.split!r}", "use train, val or test")
-        if self.soup_k < 1:
-            raise WgenError("--soup-k must be at least 1", "e.g. --soup-k 3")
+        if self.soup_k < 2:
+            raise WgenError("--soup-k must be at least 2", "e.g. --soup-k 3")
         if any(not s > 0 for s in self.noise_scales):
-            raise WgenError("--noise-scales must be positive numbers", "e.g. 0.01,0.1")
+            raise WgenError("--noise-scales must be positive numbers", "e.g. 0.1,0.3,0.5")
+        if self.rematch < 0:
+            raise WgenError("--rematch must be at least 0", "e.g. --rematch 3")
 
 
 def parse_scales(text: str) -> tuple[float, ...]:
@@ -64,20 +78,7 @@ def parse_scales(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise WgenError(f"--noise-scales {text!r} is not a list of numbers", "e.g. 0.01,0.1") from None
-
-
-@dataclass
-class _Reference:
-    """The zoo's training members as the yardstick of novelty."""
-
-    vectors: torch.Tensor  # [T, P] parameters of training members
-    errors: torch.Tensor  # [T, N] misclassified test examples
-    predictions: torch.Tensor  # [T, N]
-    holdout: torch.Tensor | None  # [H, P]
-    nn_distance: float  # mean train-to-train nearest-neighbour distance
-    copy_threshold: float  # 5th percentile of train-to-train distances
-    names: list[str] = field(default_factory=list)
+        raise WgenError(f"--noise-scales {text!r} is not a list of numbers", "e.g. 0.1,0.3,0.5") from None
 
 
 @dataclass
@@ -96,40 +97,86 @@ class _Inputs:
         return "samples" if self.is_samples else "models"
 
 
+class _Judge:
+    """Measures sets of models on one split against one reference; collects the sets of the report."""
+
+    def __init__(self, inputs: _Inputs, options: EvalOptions, device: torch.device) -> None:
+        self.inputs, self.options, self.device = inputs, options, device
+        self.model = inputs.models.spec.create(device).eval()
+        self.keys = sorted(k for k, _ in self.model.named_parameters())
+        self.labels = inputs.data.source.labels(inputs.data.indices[options.split])
+        self.reference: Reference | None = None
+        self.sets: dict[str, dict[str, Any]] = {}
+
+    def logits(self, states: list[StateDict]) -> torch.Tensor:
+        """Return the logits ``[models, examples, classes]`` of ``states`` on the evaluation split."""
+        return stacked_logits(self.model, states, self.inputs.data, self.options.split, self.device)
+
+    def measure(self, name: str, states: list[StateDict], baseline: bool = False, recalibrate: bool = False,
+                exclude_self: bool = False) -> None:
+        """Measure ``states`` as set ``name`` (and as ``name + BN`` when ``recalibrate``)."""
+        variants = [(name, states)]
+        if recalibrate:
+            variants.append((name + BN, recalibrated(self.inputs.models.spec, states, self.inputs.data, self.device)))
+        for label, variant in variants:
+            logits = self.logits(variant)
+            self.sets[label] = {**self._quality(logits), "baseline": baseline, "bn_reestimated": label.endswith(BN)}
+            if self.reference is not None:
+                measures = novelty(variant, logits, self.labels, self.reference, exclude_self)
+                self.sets[label].update(_novelty_report(measures))
+
+    def _quality(self, logits: torch.Tensor) -> dict[str, Any]:
+        metrics = per_model_metrics(logits, self.labels)
+        curve = ensemble_curve(logits, self.labels)
+        sixteen = next((p["accuracy"] for p in curve if p["size"] == ENSEMBLE_SIZE), None)
+        return {"models": len(logits), **{k: summary(v) for k, v in metrics.items()},
+                "per_model_accuracy": [float(a) for a in metrics["accuracy"]], "ensemble": curve,
+                f"ensemble_{ENSEMBLE_SIZE}": sixteen, "disagreement": mean_disagreement(logits)}
+
+
 def evaluate_models(target: Path, zoo_path: Path | None, options: EvalOptions, device: torch.device,
                     progress: Progress = SILENT) -> dict[str, Any]:
     """Return the evaluation report of the samples (or any zoo) at ``target``, next to ``zoo_path``'s members."""
     options.check()
     inputs = _open_inputs(target, zoo_path, options)
-    model = inputs.models.spec.create(device).eval()
-    labels = inputs.data.source.labels(inputs.data.indices[options.split])
-    keys = sorted(k for k, _ in model.named_parameters())
-
-    def set_report(states: list[StateDict], reference: _Reference | None, **kwargs: Any) -> dict[str, Any]:
-        logits = stacked_logits(model, states, inputs.data, options.split, device)
-        return _set_report(logits, labels, reference, flatten(states, keys) if reference else None, **kwargs)
-
-    sets: dict[str, dict[str, Any]] = {}
-    reference, train_states = None, []
-    if inputs.zoo is not None:
-        progress.stage("zoo", 1)
-        train_states, holdout_states, names = _training_members(inputs.zoo, inputs.generator)
-        logits = stacked_logits(model, train_states, inputs.data, options.split, device)
-        reference = _reference(train_states, holdout_states, logits, labels, keys, names)
-        sets["zoo"] = _set_report(logits, labels, reference, flatten(train_states, keys), self_excluded=True)
-        progress.advance()
+    judge = _Judge(inputs, options, device)
+    recalibrate = options.recalibrate and _has_batchnorm(judge.model)
     progress.stage(inputs.label, 1)
-    sets[inputs.label] = set_report([inputs.models.load(m) for m in inputs.models.members], reference)
+    states = [inputs.models.load(m) for m in inputs.models.members]
+    if inputs.zoo is None:
+        judge.measure(inputs.label, states)
+        progress.advance()
+        return _report(target, zoo_path, judge)
+    train, holdout = _training_members(inputs.zoo, inputs.generator)
+    judge.reference = _reference(judge, train, holdout)
+    judge.measure(inputs.label, states, recalibrate=recalibrate and inputs.is_samples)
+    del states
     progress.advance()
-    if reference is not None and options.baselines and len(train_states) >= 2:
-        builders = list(baseline_builders(train_states, len(inputs.models.members), options.noise_scales, options.soup_k,
-                                          keys, inputs.models.spec, inputs.data, device,
-                                          torch.Generator().manual_seed(options.seed)))
+    progress.stage("zoo", 2 if holdout else 1)
+    judge.measure("zoo", train, exclude_self=True)
+    progress.advance()
+    if holdout:
+        judge.measure("held-out", holdout)
+        progress.advance()
+    if options.baselines and len(train) >= 2:
+        builders = list(baseline_builders(train, len(inputs.models.members), options.noise_scales,
+                                          options.soup_k, judge.keys, torch.Generator().manual_seed(options.seed)))
         progress.stage("baselines", len(builders))
         for name, build in builders:
-            sets[name] = {**set_report(build(), reference), "baseline": True}
+            judge.measure(name, build(), baseline=True, recalibrate=recalibrate)
             progress.advance()
-    return _report(target, zoo_path, inputs, options, device, labels, reference, sets)
+    return _report(target, zoo_path, judge)
+
+
+def _reference(judge: _Judge, train: list[StateDict], holdout: list[StateDict]) -> Reference:
+    from .permute.groups import derive_groups
+
+    spec = derive_groups(judge.inputs.models.spec.create("cpu"), judge.inputs.data.input_size)
+    return reference(train, holdout, judge.logits(train), judge.labels, judge.keys, spec, judge.options.rematch)
+
+
+def _has_batchnorm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _open_inputs(target: Path, zoo_path: Path | None, options: EvalOptions) -> _Inputs:
@@ -147,31 +194,106 @@ def _open_inputs(target: Path, zoo_path: Path | None, options: EvalOptions) -> _
     if generator is not None:
         info.setdefault("data", generator.data)
         info.setdefault("split", generator.split)
-    input_size, _, _ = models.preprocessing()
-    data = data_for_zoo(info, options.data, input_size)
+    data = data_for_zoo(info, options.data, models.preprocessing()[0])
     if data.num_classes != models.spec.num_classes:
         raise WgenError(f"dataset {data.spec} has {data.num_classes} classes, the models {models.spec.num_classes}",
                         "evaluate on the data the zoo was trained on")
     return _Inputs(models, zoo, generator, data, is_samples)
 
 
-def _report(target: Path, zoo_path: Path | None, inputs: _Inputs, options: EvalOptions, device: torch.device,
-            labels: torch.Tensor, reference: _Reference | None, sets: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    report = {
-        "format": "wgen.eval/1", "wgen_version": __version__, "target": str(target),
+def _generator_config(target: Path) -> GeneratorConfig | None:
+    folder = Path(read_json(target / MANIFEST_JSON).get("generator", ""))
+    return read_generator_config(folder) if (folder / "config.json").is_file() else None
+
+
+def _training_members(zoo: Zoo, generator: GeneratorConfig | None) -> tuple[list[StateDict], list[StateDict]]:
+    """Return the state dicts of the generator's training and held-out members (all members for a plain zoo)."""
+    by_name = {m.name: m for m in zoo.members}
+    if generator is None:
+        train, holdout = list(by_name), []
+    else:
+        train = [n for n in generator.train_members if n in by_name]
+        holdout = [n for n in generator.holdout_members if n in by_name]
+    if not train:
+        raise WgenError("none of the generator's training members is in the --zoo",
+                        "pass the zoo the generator was trained on")
+    return [zoo.load(by_name[n]) for n in train], [zoo.load(by_name[n]) for n in holdout]
+
+
+def _novelty_report(measures: dict[str, torch.Tensor]) -> dict[str, Any]:
+    out: dict[str, Any] = {key: summary(measures[key]) for key in ("nn_distance", "nn_ratio", "max_agreement",
+                                                                     "max_error_iou")}
+    out.update({f"per_model_{key}": [float(v) for v in measures[key]]
+                for key in ("nn_ratio", "max_agreement", "max_error_iou")})
+    out["copy_rate"] = float(measures["copy"].mean())
+    if "holdout_nearer" in measures:
+        out["holdout_nearer"] = float(measures["holdout_nearer"].mean())
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the report
+
+
+def _report(target: Path, zoo_path: Path | None, judge: _Judge) -> dict[str, Any]:
+    inputs, options = judge.inputs, judge.options
+    report: dict[str, Any] = {
+        "format": "wgen.eval/2", "wgen_version": __version__, "target": str(target),
         "zoo": str(zoo_path) if zoo_path else None, "architecture": inputs.models.spec.architecture,
-        "data": str(inputs.data.spec), "split": options.split, "examples": len(labels), "device": str(device),
-        "training_members": reference.names if reference else None,
-        "holdout_members": len(reference.holdout) if reference is not None and reference.holdout is not None else 0,
-        "sets": sets,
+        "data": str(inputs.data.spec), "split": options.split, "examples": len(judge.labels),
+        "device": str(judge.device), "set": inputs.label, "sets": judge.sets,
     }
     if inputs.is_samples:
         report["sampling"] = _sampling_summary(read_json(target / MANIFEST_JSON))
-    noise = {n: s for n, s in sets.items() if n.startswith("noise ")}
-    if noise and "nn_ratio" in sets[inputs.label]:
-        target_ratio = sets[inputs.label]["nn_ratio"]["mean"]
-        report["matched_noise"] = min(noise, key=lambda n: abs(noise[n]["nn_ratio"]["mean"] - target_ratio))
+    if judge.reference is not None:
+        report["yardstick"] = _yardstick(judge.sets, options)
+        report["matched_noise"] = _matched_noise(judge.sets, inputs.label)
+        report["headline"] = _headline(report)
     return report
+
+
+def _yardstick(sets: dict[str, dict[str, Any]], options: EvalOptions) -> dict[str, Any]:
+    """Return the bars a model must clear to count as a fresh run: from the held-out members, else the zoo."""
+    source = "held-out" if "held-out" in sets else "zoo"
+    rows = sets[source]
+    return {"source": source, "accuracy_bar": rows["accuracy"]["mean"] - options.margin,
+            "agreement_bar": rows["max_agreement"]["median"], "thresholds": list(options.thresholds),
+            "margin": options.margin}
+
+
+def _matched_noise(sets: dict[str, dict[str, Any]], label: str) -> dict[str, str | None]:
+    """Return, as built and + BN, the largest noise scale whose mean accuracy reaches the samples' (else the
+    most accurate scale)."""
+    out: dict[str, str | None] = {}
+    for suffix, key in (("", "raw"), (BN, "bn")):
+        target = sets.get(label + suffix, sets[label])["accuracy"]["mean"]
+        noise = [n + suffix for _, n in sorted((float(n.split()[1]), n) for n in sets
+                                               if n.startswith("noise ") and not n.endswith(BN)) if n + suffix in sets]
+        reaching = [n for n in noise if sets[n]["accuracy"]["mean"] >= target]
+        out[key] = reaching[-1] if reaching else max(noise, key=lambda n: sets[n]["accuracy"]["mean"], default=None)
+    return out
+
+
+def _headline(report: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Return the accurate-and-novel share per threshold of the samples, the held-out members and each baseline."""
+    sets, bars = report["sets"], report["yardstick"]
+    names = [report["set"], report["set"] + BN, "held-out", *(n for n in report["matched_noise"].values() if n)]
+    names += [n for n, s in sets.items() if s.get("baseline") and not n.startswith("noise ")]
+    headline = {}
+    for name in dict.fromkeys(names):
+        if name in sets:
+            s = sets[name]
+            measures = {k: torch.tensor(s[f"per_model_{k}"]) for k in ("nn_ratio", "max_agreement")}
+            headline[name] = accurate_and_novel(torch.tensor(s["per_model_accuracy"]), measures, bars["accuracy_bar"],
+                                                bars["agreement_bar"], tuple(bars["thresholds"]))
+    return headline
+
+
+def _sampling_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Return how many samples were asked for and rejected, by reason: the evaluated ones are what was kept."""
+    return {"asked": manifest.get("count"), "rejected": manifest.get("rejected", 0),
+            "reasons": rejection_counts(manifest.get("samples", [])),
+            "solver": manifest.get("solver"), "steps": manifest.get("steps"), "projected": manifest.get("projected")}
 
 
 def write_report(report: dict[str, Any], json_path: Path | None, plot_path: Path | None) -> None:
@@ -188,101 +310,18 @@ def write_report(report: dict[str, Any], json_path: Path | None, plot_path: Path
         plot_report(report, plot_path)
 
 
-def _generator_config(target: Path) -> GeneratorConfig | None:
-    folder = Path(read_json(target / MANIFEST_JSON).get("generator", ""))
-    return read_generator_config(folder) if (folder / "config.json").is_file() else None
-
-
-def _sampling_summary(manifest: dict[str, Any]) -> dict[str, Any]:
-    """Return how many samples were asked for and rejected, by reason: the evaluated ones are what was kept."""
-    return {"asked": manifest.get("count"), "rejected": manifest.get("rejected", 0),
-            "reasons": rejection_counts(manifest.get("samples", [])),
-            "solver": manifest.get("solver"), "steps": manifest.get("steps"), "projected": manifest.get("projected")}
-
-
-def _training_members(zoo: Zoo, generator: GeneratorConfig | None) -> tuple[list[StateDict], list[StateDict], list[str]]:
-    """Return the state dicts of the generator's training and held-out members (all members for a plain zoo)."""
-    by_name = {m.name: m for m in zoo.members}
-    if generator is None:
-        train, holdout = list(by_name), []
-    else:
-        train = [n for n in generator.train_members if n in by_name]
-        holdout = [n for n in generator.holdout_members if n in by_name]
-    if not train:
-        raise WgenError("none of the generator's training members is in the --zoo",
-                        "pass the zoo the generator was trained on")
-    return [zoo.load(by_name[n]) for n in train], [zoo.load(by_name[n]) for n in holdout], train
-
-
-def _reference(train: list[StateDict], holdout: list[StateDict], logits: torch.Tensor, labels: torch.Tensor,
-               keys: list[str], names: list[str]) -> _Reference:
-    vectors = flatten(train, keys)
-    distances = torch.cdist(vectors.double(), vectors.double())
-    off_diagonal = distances[~torch.eye(len(vectors), dtype=torch.bool)]
-    nearest = (distances + torch.diag(torch.full((len(vectors),), math.inf, dtype=torch.float64))).min(dim=1).values
-    predictions = logits.argmax(-1)
-    return _Reference(vectors, predictions != labels, predictions, flatten(holdout, keys) if holdout else None,
-                      float(nearest.mean()) if len(vectors) > 1 else float("nan"),
-                      float(torch.quantile(off_diagonal, 0.05)) if len(off_diagonal) else float("nan"), names)
-
-
-def _summary(values: torch.Tensor) -> dict[str, float]:
-    v = values.double()
-    return {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max()),
-            "std": float(v.std()) if len(v) > 1 else 0.0}
-
-
-def _set_report(logits: torch.Tensor, labels: torch.Tensor, reference: _Reference | None,
-                vectors: torch.Tensor | None, self_excluded: bool = False) -> dict[str, Any]:
-    metrics = per_model_metrics(logits, labels)
-    out: dict[str, Any] = {"models": len(logits), **{k: _summary(v) for k, v in metrics.items()},
-                           "per_model_accuracy": [float(a) for a in metrics["accuracy"]],
-                           "ensemble": ensemble_curve(logits, labels), "disagreement": mean_disagreement(logits)}
-    if reference is None or vectors is None:
-        return out
-    distances = torch.cdist(vectors.double(), reference.vectors.double())  # [M, T]
-    iou = error_iou(logits.argmax(-1) != labels, reference.errors)
-    if self_excluded:  # the zoo against itself: leave each member out of its own comparison
-        eye = torch.eye(len(vectors), dtype=torch.bool)
-        distances = distances.masked_fill(eye, math.inf)
-        iou = iou.masked_fill(eye, -math.inf)
-    nearest_distance, nearest = distances.min(dim=1)
-    agreement = (logits.argmax(-1) == reference.predictions[nearest]).double().mean(dim=1)
-    out.update({
-        "nn_distance": _summary(nearest_distance),
-        "nn_ratio": _summary(nearest_distance / reference.nn_distance),
-        "max_error_iou": _summary(iou.max(dim=1).values),
-        "per_model_max_error_iou": [float(v) for v in iou.max(dim=1).values],
-        "nn_agreement": _summary(agreement),
-        "copy_rate": float((nearest_distance < reference.copy_threshold).double().mean()),
-    })
-    if reference.holdout is not None and not self_excluded:
-        to_holdout = torch.cdist(vectors.double(), reference.holdout.double()).min(dim=1).values
-        out["holdout_nearer"] = float((to_holdout < nearest_distance).double().mean())
-    return out
-
-
 def eval_summary(report: dict[str, Any], out: Path | None, plot: Path | None) -> Summary:
-    """Return what ``wgen eval`` shows: a quality table and a novelty table over every set, and where files went."""
+    """Return what ``wgen eval`` shows: quality and novelty of every set, the headline, and where files went."""
     sets = report["sets"]
-
-    def label(name: str) -> str:
-        return name + (" (matched)" if name == report.get("matched_noise") else "")
-
     quality = TextTable(f"{report['architecture']} on {report['data']}: {report['examples']} {report['split']} examples",
-                        ["set", "models", "acc", "min acc", "NLL", "ECE", "ensemble acc", "disagree"])
+                        ["set", "models", "acc", "min acc", "NLL", "ECE", f"ens {ENSEMBLE_SIZE}", "disagree"])
     for name, s in sets.items():
-        quality.rows.append([label(name), str(s["models"]), pct(s["accuracy"]["mean"]), pct(s["accuracy"]["min"]),
-                             f"{s['nll']['mean']:.3f}", f"{s['ece']['mean']:.3f}", pct(s["ensemble"][-1]["accuracy"]),
+        quality.rows.append([name, str(s["models"]), pct(s["accuracy"]["mean"]), pct(s["accuracy"]["min"]),
+                             f"{s['nll']['mean']:.3f}", f"{s['ece']['mean']:.3f}", pct(s[f"ensemble_{ENSEMBLE_SIZE}"]),
                              pct(s["disagreement"])])
     tables = [quality]
-    if any("nn_ratio" in s for s in sets.values()):
-        novelty = TextTable("novelty against the zoo's training members",
-                            ["set", "NN ratio", "max err-IoU", "NN agree", "copies", "nearer held-out"])
-        for name, s in sets.items():
-            novelty.rows.append([label(name), f"{s['nn_ratio']['mean']:.3f}", f"{s['max_error_iou']['mean']:.2f}",
-                                 pct(s["nn_agreement"]["mean"]), pct(s["copy_rate"]), pct(s.get("holdout_nearer"))])
-        tables.append(novelty)
+    if "headline" in report:
+        tables += [_novelty_table(report), _headline_table(report)]
     after = []
     if "sampling" in report:
         m = report["sampling"]
@@ -290,3 +329,22 @@ def eval_summary(report: dict[str, Any], out: Path | None, plot: Path | None) ->
                      + (f" ({reason_text(m['reasons'])})" if m["reasons"] else "") + ": the sets above hold the rest")
     after += [f"{what}: {path}" for path, what in ((out, "report"), (plot, "figure")) if path is not None]
     return Summary(tables=tables, after=after)
+
+
+def _novelty_table(report: dict[str, Any]) -> TextTable:
+    table = TextTable("novelty against the generator's training members (distances re-matched by weight matching)",
+                      ["set", "NN ratio", "max agree", "max err-IoU", "copies", "nearer held-out"])
+    for name, s in report["sets"].items():
+        table.rows.append([name, f"{s['nn_ratio']['median']:.3f}", pct(s["max_agreement"]["median"]),
+                           f"{s['max_error_iou']['median']:.2f}", pct(s["copy_rate"]), pct(s.get("holdout_nearer"))])
+    return table
+
+
+def _headline_table(report: dict[str, Any]) -> TextTable:
+    bars = report["yardstick"]
+    title = (f"accurate (>= {pct(bars['accuracy_bar'])}) and novel (max agreement <= {pct(bars['agreement_bar'])}, "
+             f"NN ratio >= threshold): share of each set")
+    table = TextTable(title, ["set", "mean acc", *(f"NN >= {t:g}" for t in bars["thresholds"])])
+    for name, shares in report["headline"].items():
+        table.rows.append([name, pct(report["sets"][name]["accuracy"]["mean"]), *(pct(v) for v in shares.values())])
+    return table
