@@ -11,9 +11,10 @@ import safetensors.torch
 import timm
 import torch
 
-from wgen.checkpoints import (ModelSpec, load_state_dict_file, open_zoo, state_dict_fingerprint,
+from wgen.checkpoints import (ModelSpec, open_zoo, state_dict_fingerprint,
                               write_member, member_config, zoo_fingerprint)
 from wgen.errors import WgenError
+from wgen.readers import read_checkpoint
 
 from conftest import INPUT_SIZE, TINY, make_state, snapshot, write_test_member
 
@@ -82,7 +83,7 @@ def test_flat_torch_files_are_unwrapped_and_unprefixed(tmp_path: Path, wrapper: 
     ddp = {f"module.{k}": v for k, v in state.items()}
     payload = ddp if wrapper is None else {wrapper: ddp, "epoch": 3}
     torch.save(payload, tmp_path / f"ckpt{suffix}")
-    loaded = load_state_dict_file(tmp_path / f"ckpt{suffix}")
+    loaded = read_checkpoint(tmp_path / f"ckpt{suffix}").tensors
     assert set(loaded) == set(state)
     assert torch.equal(loaded["fc.weight"], state["fc.weight"])
 
@@ -107,7 +108,7 @@ def test_flat_files_take_a_folder_level_config(tmp_path: Path) -> None:
 def test_fingerprint_is_stable_and_format_independent(tmp_path: Path, tiny_zoo: Path) -> None:
     state = make_state(seed=1)
     torch.save(state, tmp_path / "m.pt")
-    assert state_dict_fingerprint(load_state_dict_file(tmp_path / "m.pt")) == state_dict_fingerprint(state)
+    assert state_dict_fingerprint(read_checkpoint(tmp_path / "m.pt").tensors) == state_dict_fingerprint(state)
     first = zoo_fingerprint(open_zoo(tiny_zoo))
     assert first == zoo_fingerprint(open_zoo(tiny_zoo))
     write_test_member(tiny_zoo / "m3", seed=3)

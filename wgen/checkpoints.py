@@ -1,11 +1,9 @@
-"""Checkpoint folders: read every form a practitioner has, validate, write timm local-dir members.
+"""Zoos: one architecture across members, every member validated; timm local-dir members written; fingerprints.
 
 A *member* is one checkpoint. On disk wgen writes it in timm's local-dir layout (``config.json`` +
 ``model.safetensors``) so that ``timm.create_model("local-dir:PATH", pretrained=True)`` loads it.
-Zoos from elsewhere may be sub-folders of that layout (``model.safetensors`` or
-``pytorch_model.bin``) or flat ``*.safetensors|*.pt|*.pth|*.bin`` files with the architecture given
-by ``--arch`` or a folder-level ``config.json``. Torch files are only ever read with
-``torch.load(weights_only=True)``.
+Zoos from elsewhere come in every form ``readers.py`` knows, with the architecture from the
+members' configs, ``--arch``, a folder-level ``config.json`` or the training checkpoint itself.
 """
 
 from __future__ import annotations
@@ -13,7 +11,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,19 +21,11 @@ import torch
 
 from .errors import WgenError
 from .outputs import write_folder
+from .readers import (CONFIG_NAME, TORCH_WEIGHTS_NAME, WEIGHTS_CHOICES, WEIGHTS_NAME, Checkpoint, MemberRef,
+                      find_members, one_line, read_checkpoint, read_json)
 from .version import __version__
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-TORCH_WEIGHTS_NAME = "pytorch_model.bin"
 ZOO_JSON = "zoo.json"
-TORCH_SUFFIXES = (".pt", ".pth", ".bin")
-CHECKPOINT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
-WRAPPER_KEYS = ("state_dict", "model", "model_state")
-# DDP and torch.compile prefix every key of the modules they wrap.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-FORMS_HINT = ("expected sub-folders with config.json + model.safetensors, or *.safetensors / "
-              "*.pt / *.pth / *.bin files with --arch")
 
 StateDict = dict[str, torch.Tensor]
 
@@ -78,7 +67,7 @@ def create_model(architecture: str, num_classes: int | None, model_args: dict[st
             return timm.create_model(architecture, pretrained=False, **kwargs)
     except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
         raise WgenError(f"timm cannot build {architecture} with model args {json.dumps(kwargs)}: "
-                        f"{_one_line(exc)}", "check --model-args against the model's signature") from exc
+                        f"{one_line(exc)}", "check --model-args against the model's signature") from exc
 
 
 def parse_model_args(text: str | None) -> dict[str, Any]:
@@ -99,20 +88,6 @@ def parse_model_args(text: str | None) -> dict[str, Any]:
 # reading
 
 
-@dataclass(frozen=True)
-class MemberRef:
-    """One checkpoint of a zoo: its display name, weights file and member ``config.json`` (if any)."""
-
-    name: str
-    weights: Path
-    config: dict[str, Any] | None = None
-
-    @property
-    def provenance(self) -> dict[str, Any]:
-        """Return the ``wgen`` block of the member's config (seed, accuracies), or ``{}``."""
-        return dict((self.config or {}).get("wgen", {}))
-
-
 @dataclass
 class Zoo:
     """A validated set of members of one architecture."""
@@ -122,10 +97,13 @@ class Zoo:
     members: list[MemberRef]
     info: dict[str, Any]  # zoo.json contents, {} for folders wgen did not write
     skipped: list[str] = field(default_factory=list)  # messages of members dropped by skip_bad
+    weights: str = "auto"  # which state dict of a training checkpoint is the member (auto, ema, raw)
+    sources: dict[str, str] = field(default_factory=dict)  # member -> the entry its weights came from
 
     def load(self, member: MemberRef) -> StateDict:
         """Return the state dict of ``member``, normalised like every member of this zoo."""
-        return normalize_state_dict(load_state_dict_file(member.weights), self.spec.reference(), member.weights)
+        tensors = read_checkpoint(member.weights, self.weights).tensors
+        return normalize_state_dict(tensors, self.spec.reference(), member.weights)
 
     def preprocessing(self) -> tuple[tuple[int, int, int], tuple[float, ...], tuple[float, ...]]:
         """Return ``(input_size, mean, std)`` from zoo.json, else the first member's config, else timm's."""
@@ -140,71 +118,6 @@ class Zoo:
         mean = tuple(source.get("mean", (0.5,) * channels))
         std = tuple(source.get("std", (0.5,) * channels))
         return (channels, size[1], size[2]), mean, std
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """Return the JSON object stored at ``path``."""
-    try:
-        value = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise WgenError(f"{path}: file not found", "check the path") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise WgenError(f"{path}: not valid JSON ({_one_line(exc)})",
-                        "restore the file or remove it") from exc
-    if not isinstance(value, dict):
-        raise WgenError(f"{path}: expected a JSON object", "restore the file or remove it")
-    return value
-
-
-def load_state_dict_file(path: Path) -> StateDict:
-    """Return the tensors of a safetensors or torch checkpoint file, unwrapped and unprefixed."""
-    if not path.is_file():
-        raise WgenError(f"{path}: file not found", "check the path")
-    if path.suffix == ".safetensors":
-        try:
-            tensors = safetensors.torch.load_file(str(path), device="cpu")
-        except Exception as exc:  # safetensors raises its own error types for bad headers
-            raise WgenError(f"{path}: unreadable safetensors file ({_one_line(exc)})",
-                            "the file is truncated or not safetensors; re-export it") from exc
-    else:
-        tensors = _load_torch_file(path)
-    return _strip_prefixes(tensors, path)
-
-
-def _load_torch_file(path: Path) -> StateDict:
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        text = str(exc)
-        if "weights_only" in text or "Weights only load failed" in text:
-            raise WgenError(f"{path}: refused by torch.load(weights_only=True): it holds pickled "
-                            "objects other than tensors",
-                            "re-save it with torch.save(model.state_dict(), path) or as safetensors"
-                            ) from exc
-        raise WgenError(f"{path}: unreadable torch file ({_one_line(exc)})",
-                        "the file is truncated or not a torch checkpoint; re-export it") from exc
-    if isinstance(obj, dict):
-        for key in WRAPPER_KEYS:
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj:
-        raise WgenError(f"{path}: holds no state dict", "save model.state_dict(), "
-                        f"optionally wrapped as {{{', '.join(repr(k) for k in WRAPPER_KEYS)}: ...}}")
-    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    others = sorted(k for k in obj if k not in tensors)
-    if others:
-        raise WgenError(f"{path}: key {others[0]!r} is not a tensor", "save only model.state_dict()")
-    return tensors
-
-
-def _strip_prefixes(tensors: StateDict, path: Path) -> StateDict:
-    if not tensors:
-        raise WgenError(f"{path}: holds no tensors", "re-export the checkpoint")
-    for prefix in WRAPPER_PREFIXES:
-        if all(k.startswith(prefix) for k in tensors):
-            tensors = {k[len(prefix):]: v for k, v in tensors.items()}
-    return tensors
 
 
 def normalize_state_dict(tensors: StateDict, reference: dict[str, tuple[tuple[int, ...], torch.dtype]],
@@ -242,60 +155,14 @@ def normalize_state_dict(tensors: StateDict, reference: dict[str, tuple[tuple[in
     return out
 
 
-def find_member_refs(root: Path) -> tuple[list[MemberRef], dict[str, Any] | None]:
-    """Return the checkpoints found under ``root`` and the folder-level ``config.json`` (if any).
-
-    ``root`` may be a member folder, a folder of member sub-folders, or a folder of flat files.
-    Names starting with '.' are skipped: wgen writes unfinished members under such names.
-    """
-    if not root.exists():
-        raise WgenError(f"{root}: no such file or folder", "check the path")
-    if root.is_file():
-        if root.suffix not in CHECKPOINT_SUFFIXES:
-            raise WgenError(f"{root}: not a checkpoint file", FORMS_HINT)
-        return [MemberRef(root.stem, root)], None
-    if _member_weights(root) is not None:
-        return [_member_ref(root, root.name)], None
-    entries = sorted((p for p in root.iterdir() if not p.name.startswith(".")), key=_natural_key)
-    refs = [_member_ref(p, p.name) for p in entries if p.is_dir() and _member_weights(p) is not None]
-    refs += [MemberRef(p.stem, p) for p in entries if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES]
-    if not refs:
-        raise WgenError(f"{root}: no checkpoints found", FORMS_HINT)
-    names = [r.name for r in refs]
-    twin = next((n for n in names if names.count(n) > 1), None)
-    if twin is not None:
-        found = ", ".join(r.weights.name for r in refs if r.name == twin)
-        raise WgenError(f"{root}: two checkpoints are both named {twin!r} ({found})", "rename or move one of them")
-    folder_config = root / CONFIG_NAME
-    return refs, read_json(folder_config) if folder_config.is_file() else None
-
-
-def _member_weights(folder: Path) -> Path | None:
-    for name in (WEIGHTS_NAME, TORCH_WEIGHTS_NAME):
-        if (folder / name).is_file():
-            return folder / name
-    return None
-
-
-def _member_ref(folder: Path, name: str) -> MemberRef:
-    config_path = folder / CONFIG_NAME
-    config = read_json(config_path) if config_path.is_file() else None
-    weights = _member_weights(folder)
-    assert weights is not None
-    return MemberRef(name, weights, config)
-
-
-def _natural_key(path: Path) -> list[Any]:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
-
-
 def resolve_spec(refs: list[MemberRef], folder_config: dict[str, Any] | None, arch: str | None,
-                 model_args: dict[str, Any] | None, first_state: StateDict | None = None) -> ModelSpec:
+                 model_args: dict[str, Any] | None, first: Checkpoint | None = None) -> ModelSpec:
     """Return the one ModelSpec every member shares, or an error naming the member that differs.
 
     Precedence: member ``config.json`` files, then ``--arch``/``--model-args``, then a folder-level
-    ``config.json``. ``num_classes`` (and ``in_chans``) missing everywhere are read off the classifier
-    (and stem) weights of ``first_state``.
+    ``config.json``, then the architecture a training checkpoint names (timm's ``arch``, Lightning's
+    hyper-parameters). ``num_classes`` (and ``in_chans``) missing everywhere are read off the
+    classifier (and stem) weights of ``first``.
     """
     specs = [(r, _spec_from_config(r.config, r.weights.parent / CONFIG_NAME)) for r in refs if r.config]
     if specs:
@@ -325,13 +192,15 @@ def resolve_spec(refs: list[MemberRef], folder_config: dict[str, Any] | None, ar
         arch, model_args = base.architecture, {**base.model_args, **(model_args or {})}
         if base.num_classes:
             model_args.setdefault("num_classes", base.num_classes)
+    if arch is None and first is not None and first.arch is not None and timm.is_model(first.arch):
+        arch, model_args = first.arch, {**first.model_args, **(model_args or {})}
     if arch is None:
         raise WgenError("the checkpoints carry no architecture",
                         "pass --arch NAME (and --model-args JSON), or add a folder-level config.json")
     args = dict(model_args or {})
     num_classes = args.pop("num_classes", None)
-    if first_state is not None:
-        num_classes, args = _infer_head_and_stem(arch, num_classes, args, first_state)
+    if first is not None:
+        num_classes, args = _infer_head_and_stem(arch, num_classes, args, first.tensors)
     return ModelSpec(arch, int(num_classes if num_classes is not None else 1000), args)
 
 
@@ -362,46 +231,49 @@ def _infer_head_and_stem(arch: str, num_classes: int | None, args: dict[str, Any
 
 
 def open_zoo(path: Path | str, arch: str | None = None, model_args: dict[str, Any] | None = None,
-             skip_bad: bool = False) -> Zoo:
-    """Return the validated zoo at ``path`` (a zoo folder, a member folder or a checkpoint file).
+             skip_bad: bool = False, weights: str = "auto", pick: str = "last", skip_hint: bool = True) -> Zoo:
+    """Return the validated zoo at ``path`` (any form ``readers.find_members`` knows).
 
     Every member is read once and checked against the architecture (keys, shapes, finite values).
     With ``skip_bad`` a bad member is dropped and its message kept in ``Zoo.skipped``; without it
-    the first bad member raises. Nothing on disk is changed.
+    the first bad member raises (its hint suggests ``--skip-bad`` when ``skip_hint``). ``weights``
+    and ``pick`` choose within training checkpoints (see ``readers``). Nothing on disk is changed.
     """
+    if weights not in WEIGHTS_CHOICES:
+        raise WgenError(f"unknown --weights {weights!r}", f"use one of {', '.join(WEIGHTS_CHOICES)}")
     root = Path(path)
-    refs, folder_config = find_member_refs(root)
-    first_state = None
-    if not any(r.config for r in refs):
-        first_state = _first_readable(refs, skip_bad)
-    spec = resolve_spec(refs, folder_config, arch, model_args, first_state)
+    refs, folder_config = find_members(root, pick)
+    first = None if any(r.config for r in refs) else _first_readable(refs, weights, skip_bad)
+    spec = resolve_spec(refs, folder_config, arch, model_args, first)
     reference = spec.reference()
-    good, skipped = [], []
+    good, skipped, sources = [], [], {}
     for ref in refs:
         try:
-            normalize_state_dict(load_state_dict_file(ref.weights), reference, ref.weights)
+            checkpoint = read_checkpoint(ref.weights, weights)
+            normalize_state_dict(checkpoint.tensors, reference, ref.weights)
         except WgenError as exc:
             if not skip_bad:
-                raise WgenError(exc.message, exc.hint if "--skip-bad" in exc.hint
-                                else f"{exc.hint}; or pass --skip-bad to drop bad members") from exc
+                hint = exc.hint if "--skip-bad" in exc.hint or not skip_hint else f"{exc.hint}; or pass --skip-bad to drop bad members"
+                raise WgenError(exc.message, hint) from exc
             skipped.append(exc.message)
             continue
         good.append(ref)
+        sources[ref.name] = checkpoint.weights
     if not good:
-        raise WgenError(f"{root}: no usable checkpoints ({len(skipped)} bad)", "see the warnings above")
-    zoo_json = root / ZOO_JSON
-    info = read_json(zoo_json) if root.is_dir() and zoo_json.is_file() else {}
-    return Zoo(root, spec, good, info, skipped)
+        raise WgenError(f"{root}: no usable checkpoints ({len(skipped)} bad; the first: {skipped[0]})",
+                        "fix or replace the files named")
+    info = read_json(root / ZOO_JSON) if root.is_dir() and (root / ZOO_JSON).is_file() else {}
+    return Zoo(root, spec, good, info, skipped, weights, sources)
 
 
-def _first_readable(refs: list[MemberRef], skip_bad: bool) -> StateDict:
+def _first_readable(refs: list[MemberRef], weights: str, skip_bad: bool) -> Checkpoint | None:
     for ref in refs:
         try:
-            return load_state_dict_file(ref.weights)
+            return read_checkpoint(ref.weights, weights)
         except WgenError:
             if not skip_bad:
                 raise
-    raise WgenError("no checkpoint could be read", "see the warnings above")
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,8 +341,3 @@ def zoo_fingerprint(zoo: Zoo, states: list[StateDict] | None = None) -> str:
         state = states[i] if states is not None else zoo.load(member)
         digest.update(f"{member.name}:{state_dict_fingerprint(state)}".encode())
     return digest.hexdigest()
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:200] + ("..." if len(text) > 200 else "")

@@ -41,6 +41,12 @@ SHARED_OPTIONS: dict[str, tuple[Any, Any]] = {
                                                          help='timm model args as JSON, e.g. \'{"in_chans": 1}\'')], None),
     "skip_bad": (Annotated[bool, typer.Option("--skip-bad", help="drop unreadable or mismatching members with a warning")],
                  False),
+    "weights": (Annotated[str, typer.Option("--weights", help="training checkpoints holding EMA and raw weights: "
+                                                              "auto (EMA when present, as timm loads them) | ema | raw")],
+                "auto"),
+    "pick": (Annotated[str, typer.Option("--run-checkpoint", help="timm training runs: the file of each run that is "
+                                                               "the member, last (last.pth.tar) | best (model_best.pth.tar)")],
+             "last"),
     "device": (Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N (auto = cuda if available)")],
                "auto"),
     "force": (Annotated[bool, typer.Option("--force", help="replace an existing output that wgen wrote")], False),
@@ -58,6 +64,8 @@ class Shared:
     arch: Optional[str] = None
     model_args: Optional[str] = None
     skip_bad: bool = False
+    weights: str = "auto"
+    pick: str = "last"
     device: str = "auto"
     force: bool = False
     as_json: bool = False
@@ -217,7 +225,7 @@ def zoo(
 
 
 @app.command()
-@shared("arch", "model_args", "skip_bad", "as_json")
+@shared("arch", "model_args", "skip_bad", "weights", "pick", "as_json")
 def info(
     path: Annotated[Path, typer.Argument(metavar="PATH", help="a zoo, canonical zoo, generator, samples folder, member or checkpoint file")],
     opts: Shared = Shared(),
@@ -227,7 +235,7 @@ def info(
     from .info import describe, info_summary
 
     with user_errors():
-        report = describe(path, opts.arch, parse_model_args(opts.model_args), opts.skip_bad)
+        report = describe(path, opts.arch, parse_model_args(opts.model_args), opts.skip_bad, opts.weights, opts.pick)
     _warn_skipped(report["skipped"])
     if opts.as_json:
         print(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=2))
@@ -236,7 +244,7 @@ def info(
 
 
 @app.command()
-@shared("arch", "model_args", "skip_bad", "device", "force", "as_json")
+@shared("arch", "model_args", "skip_bad", "weights", "pick", "device", "force", "as_json")
 def canonicalize(
     zoo_path: Annotated[Path, typer.Argument(metavar="ZOO", help="zoo folder (or checkpoint folder with --arch)")],
     out: OutOption,
@@ -267,7 +275,7 @@ def canonicalize(
 
 
 @app.command()
-@shared("arch", "model_args", "skip_bad", "device", "force", "as_json")
+@shared("arch", "model_args", "skip_bad", "weights", "pick", "device", "force", "as_json")
 def train(
     zoo_path: Annotated[Path, typer.Argument(metavar="ZOO", help="canonical zoo (or any zoo)")],
     out: OutOption,
@@ -410,7 +418,7 @@ def _open_input(path: Path, opts: Shared) -> Any:
     """Open the zoo a command reads, warning about each member --skip-bad dropped."""
     from .checkpoints import open_zoo, parse_model_args
 
-    zoo_obj = open_zoo(path, opts.arch, parse_model_args(opts.model_args), opts.skip_bad)
+    zoo_obj = open_zoo(path, opts.arch, parse_model_args(opts.model_args), opts.skip_bad, opts.weights, opts.pick)
     _warn_skipped(zoo_obj.skipped)
     return zoo_obj
 

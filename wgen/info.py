@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -14,20 +15,23 @@ from .permute.canonicalize import CANONICAL_JSON
 from .tables import Summary, TextTable, pct
 
 Rows = list[tuple[str, str]]
+_WEIGHTS = {"state_dict_ema": "EMA", "model_ema": "EMA", "state_dict": "raw", "model": "raw", "model_state": "raw",
+            "file": "the whole file"}
 
 
 def describe(path: Path | str, arch: str | None = None, model_args: dict[str, Any] | None = None,
-             skip_bad: bool = False) -> dict[str, Any]:
+             skip_bad: bool = False, weights: str = "auto", pick: str = "last") -> dict[str, Any]:
     """Return a JSON-ready description of ``path``: kind, architecture, counts, accuracy summary, and
     ``rows``, the same as ``(label, text)`` pairs for people."""
     root = Path(path)
     if root.is_dir() and (root / SPACE_NAME).is_file():
         return _describe_generator(root)
-    zoo = open_zoo(root, arch=arch, model_args=model_args, skip_bad=skip_bad)
+    zoo = open_zoo(root, arch, model_args, skip_bad, weights, pick)
     model = zoo.spec.create("meta")
     description: dict[str, Any] = {
         "path": str(root), "kind": _kind(root), **zoo.spec.to_json(), "members": len(zoo.members),
         "parameters": sum(p.numel() for p in model.parameters()), "skipped": zoo.skipped,
+        "weights": dict(Counter(zoo.sources.values())),
     }
     if zoo.info:
         description.update({k: zoo.info[k] for k in ("data", "input_size", "split") if k in zoo.info})
@@ -78,6 +82,8 @@ def _describe_generator(root: Path) -> dict[str, Any]:
 
 def _zoo_rows(d: dict[str, Any]) -> Rows:
     rows = [*_spec_rows(d), ("members", str(d["members"])), ("parameters", f"{d['parameters']:,}"), *_optional_rows(d)]
+    if set(d["weights"]) != {"file"}:  # training checkpoints: say which of their state dicts are the members
+        rows.append(("weights", ", ".join(f"{_WEIGHTS.get(k, k)} ({k}) in {n}" for k, n in d["weights"].items())))
     for key in ("val_accuracy", "test_accuracy"):
         if key in d:
             s = d[key]

@@ -175,7 +175,7 @@ def plan_zoo(recipe: Recipe) -> ZooPlan:
 
 
 def _read_init(path: str, spec: ModelSpec) -> StateDict:
-    init = open_zoo(path, arch=spec.architecture, model_args=spec.model_args)
+    init = open_zoo(path, arch=spec.architecture, model_args=spec.model_args, skip_hint=False)
     if len(init.members) != 1:
         raise WgenError(f"--init {path} holds {len(init.members)} checkpoints, not one",
                         "point --init at one member folder or file")
