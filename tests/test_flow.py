@@ -465,8 +465,8 @@ def test_sampled_networks_are_accurate(chain: dict[str, Path], run_cli) -> None:
 
 @pytest.mark.parametrize("args, message", [
     (("--solver", "leapfrog"), "unknown --solver 'leapfrog'"),
-    (("-n", "0"), "-n and --batch-size must be at least 1"),
-    (("--min-radius", "1.5"), "--min-radius must be in [0, 1), got 1.5"),
+    (("-n", "0"), "--count 0 must be >= 1"),
+    (("--min-radius", "1.5"), "--min-radius 1.5 must be in [0, 1)"),
 ])
 def test_bad_sample_options(tiny_generator: Path, tmp_path: Path, run_cli, args, message) -> None:
     result = run_cli("sample", tiny_generator, "-o", tmp_path / "s", *args)

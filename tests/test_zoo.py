@@ -127,7 +127,7 @@ def test_foreign_output_folder_is_refused_even_with_force(tmp_path: Path, run_cl
      "num_classes comes from the dataset, not --model-args"),
     (("-a", "test_resnet", "-d", "digits", "--model-args", '{"bogus": 1}'), "timm cannot build test_resnet"),
     (("-a", "test_resnet", "-d", "digits", "--optimizer", "lion"), "unknown optimizer 'lion'"),
-    (("-a", "test_resnet", "-d", "digits", "--normalized-decay", "-1"), "weight decay must be >= 0"),
+    (("-a", "test_resnet", "-d", "digits", "--normalized-decay", "-1"), "--normalized-decay -1.0 must be >= 0"),
     (("-a", "test_vit", "-d", "digits", "--img-size", "32"), "test_vit takes a fixed input size (160, 160), not --img-size 32"),
     (("-a", "test_resnet", "-d", "digits", "--init", "/nonexistent/ckpt"), "/nonexistent/ckpt: no such file or folder"),
 ])

@@ -149,7 +149,7 @@ def normalize_state_dict(tensors: StateDict, reference: dict[str, tuple[tuple[in
         if value.is_floating_point():
             if not bool(torch.isfinite(value).all()):
                 raise WgenError(f"{where}: {key!r} holds non-finite values (nan or inf)",
-                                "drop this checkpoint, or pass --skip-bad")
+                                "leave this checkpoint out, or replace it")
             value = value.float() if dtype.is_floating_point else value
         out[key] = value.to(dtype) if value.dtype != dtype else value
     return out

@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .errors import WgenError
+from .limits import ranged
 from .flow.nets import NETS
 from .flow.spaces import FULL_SPACE_MAX_DIM, space_choices
 from .tables import Summary
@@ -39,7 +40,7 @@ SHARED_OPTIONS: dict[str, tuple[Any, Any]] = {
              None),
     "model_args": (Annotated[Optional[str], typer.Option("--model-args", metavar="JSON",
                                                          help='timm model args as JSON, e.g. \'{"in_chans": 1}\'')], None),
-    "skip_bad": (Annotated[bool, typer.Option("--skip-bad", help="drop unreadable or mismatching members with a warning")],
+    "skip_bad": (Annotated[bool, typer.Option("--skip-bad", metavar="", help="drop unreadable or mismatching members with a warning")],
                  False),
     "weights": (Annotated[str, typer.Option("--weights", help="training checkpoints holding EMA and raw weights: "
                                                               "auto (EMA when present, as timm loads them) | ema | raw")],
@@ -47,10 +48,13 @@ SHARED_OPTIONS: dict[str, tuple[Any, Any]] = {
     "pick": (Annotated[str, typer.Option("--run-checkpoint", help="timm training runs: the file of each run that is "
                                                                "the member, last (last.pth.tar) | best (model_best.pth.tar)")],
              "last"),
+    "threads": (Annotated[Optional[int], typer.Option("--threads", help=ranged(
+        "--threads", "CPU threads (default: OMP_NUM_THREADS, else the cores this process may use, divided among "
+                     "--shard processes)"))], None),
     "device": (Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N (auto = cuda if available)")],
                "auto"),
-    "force": (Annotated[bool, typer.Option("--force", help="replace an existing output that wgen wrote")], False),
-    "as_json": (Annotated[bool, typer.Option("--json", help="print the result as JSON")], False),
+    "force": (Annotated[bool, typer.Option("--force", metavar="", help="replace an existing output that wgen wrote")], False),
+    "as_json": (Annotated[bool, typer.Option("--json", metavar="", help="print the result as JSON")], False),
 }
 
 
@@ -66,6 +70,7 @@ class Shared:
     skip_bad: bool = False
     weights: str = "auto"
     pick: str = "last"
+    threads: Optional[int] = None
     device: str = "auto"
     force: bool = False
     as_json: bool = False
@@ -155,10 +160,11 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(ctx: typer.Context,
-          version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+          version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, metavar="",
                                                 help="print the version and exit")] = False) -> None:
     """wgen: zoo -> canonicalize -> train -> sample -> eval."""
     _list_registered_kinds(ctx.command)
+    _bare_flags(ctx.command, ctx)
 
 
 def _list_registered_kinds(group: Any) -> None:
@@ -167,6 +173,14 @@ def _list_registered_kinds(group: Any) -> None:
     for param in group.commands["train"].params:
         if param.name in help_of:
             param.help = help_of[param.name]
+
+
+def _bare_flags(group: Any, ctx: Any) -> None:
+    """Show ``--help`` as the flag it is, not as an option taking a ``<bool>`` (Typer's default)."""
+    for command in [group, *group.commands.values()]:
+        option = command.get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
 
 
 def _space_help() -> str:
@@ -178,25 +192,25 @@ def _net_help() -> str:
 
 
 @app.command()
-@shared("model_args", "device", "force", "as_json")
+@shared("model_args", "threads", "device", "force", "as_json")
 def zoo(
     arch: Annotated[str, typer.Option("--arch", "-a", help="timm architecture, e.g. test_resnet")],
     data: Annotated[str, typer.Option("--data", "-d", metavar="SPEC",
                                       help="digits | imagefolder:PATH | cifar10:PATH | cifar100:PATH | npz:PATH")],
     out: OutOption,
-    count: Annotated[int, typer.Option("--count", "-n", help="number of members")] = 8,
-    img_size: Annotated[Optional[int], typer.Option(help="input size for size-flexible models (default: 32 for digits/CIFAR)")] = None,
-    seed_start: Annotated[int, typer.Option(help="member i is trained from seed SEED_START + i")] = 0,
-    split_seed: Annotated[int, typer.Option(help="seed of the train/val/test split")] = 0,
-    epochs: Annotated[int, typer.Option(help="training epochs per member")] = 20,
-    lr: Annotated[float, typer.Option(help="peak learning rate")] = 1e-3,
-    batch_size: Annotated[int, typer.Option(help="training batch size")] = 64,
+    count: Annotated[int, typer.Option("--count", "-n", help=ranged("--count", "number of members"))] = 8,
+    img_size: Annotated[Optional[int], typer.Option(help=ranged("--img-size", "input size for size-flexible models (default: 32 for digits/CIFAR)"))] = None,
+    seed_start: Annotated[int, typer.Option(help=ranged("--seed-start", "member i is trained from seed SEED_START + i"))] = 0,
+    split_seed: Annotated[int, typer.Option(help=ranged("--split-seed", "seed of the train/val/test split"))] = 0,
+    epochs: Annotated[int, typer.Option(help=ranged("--epochs", "training epochs per member"))] = 20,
+    lr: Annotated[float, typer.Option(help=ranged("--lr", "peak learning rate"))] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="training batch size (>= 2)")] = 64,
     optimizer: Annotated[str, typer.Option(help="adamw | sgd | adam")] = "adamw",
-    weight_decay: Annotated[float, typer.Option(help="weight decay (not applied to norms and biases)")] = 0.05,
+    weight_decay: Annotated[float, typer.Option(help=ranged("--weight-decay", "weight decay (not applied to norms and biases)"))] = 0.05,
     normalized_decay: Annotated[Optional[float], typer.Option(
-        help="decay of weights feeding a BatchNorm (default 30; --weight-decay with --init)")] = None,
-    warmup_epochs: Annotated[float, typer.Option(help="linear warm-up before the cosine decay")] = 1.0,
-    label_smoothing: Annotated[float, typer.Option(help="label smoothing of the loss")] = 0.0,
+        help=ranged("--normalized-decay", "decay of weights feeding a BatchNorm (default 30; --weight-decay with --init)"))] = None,
+    warmup_epochs: Annotated[float, typer.Option(help=ranged("--warmup-epochs", "linear warm-up before the cosine decay"))] = 1.0,
+    label_smoothing: Annotated[float, typer.Option(help=ranged("--label-smoothing", "label smoothing of the loss"))] = 0.0,
     init: Annotated[Optional[Path], typer.Option(metavar="PATH", help="fine-tune every member from this checkpoint")] = None,
     shard: Annotated[Optional[str], typer.Option(metavar="I/N", help="train members I, I+N, ... only")] = None,
     opts: Shared = Shared(),
@@ -206,7 +220,6 @@ def zoo(
 
     from .checkpoints import parse_model_args
     from .data import SplitSpec
-    from .runtime import resolve_device
     from .zoo import Recipe, parse_shard, plan_zoo, train_zoo, zoo_summary
 
     with user_errors():
@@ -214,7 +227,7 @@ def zoo(
                         epochs, lr, batch_size, optimizer, weight_decay, normalized_decay, warmup_epochs,
                         label_smoothing, str(init) if init else None)
         shard_spec = parse_shard(shard)
-        torch_device = resolve_device(opts.device)
+        torch_device = _start(opts, shard_spec[1])
         plan = plan_zoo(recipe)
         with RichProgress(quiet=opts.as_json) as progress:
             records = train_zoo(plan, out, count, torch_device, shard_spec, opts.force, progress)
@@ -225,7 +238,7 @@ def zoo(
 
 
 @app.command()
-@shared("arch", "model_args", "skip_bad", "weights", "pick", "as_json")
+@shared("arch", "model_args", "skip_bad", "weights", "pick", "threads", "as_json")
 def info(
     path: Annotated[Path, typer.Argument(metavar="PATH", help="a zoo, canonical zoo, generator, samples folder, member or checkpoint file")],
     opts: Shared = Shared(),
@@ -235,6 +248,7 @@ def info(
     from .info import describe, info_summary
 
     with user_errors():
+        _start(opts)
         report = describe(path, opts.arch, parse_model_args(opts.model_args), opts.skip_bad, opts.weights, opts.pick)
     _warn_skipped(report["skipped"])
     if opts.as_json:
@@ -244,26 +258,25 @@ def info(
 
 
 @app.command()
-@shared("arch", "model_args", "skip_bad", "weights", "pick", "device", "force", "as_json")
+@shared("arch", "model_args", "skip_bad", "weights", "pick", "threads", "device", "force", "as_json")
 def canonicalize(
     zoo_path: Annotated[Path, typer.Argument(metavar="ZOO", help="zoo folder (or checkpoint folder with --arch)")],
     out: OutOption,
     method: Annotated[str, typer.Option(help="weight-matching | none (copy members through)")] = "weight-matching",
     template: Annotated[str, typer.Option(help="first | INDEX | barycenter (MergeMany)")] = "first",
-    restarts: Annotated[int, typer.Option(help="random restarts per member; the best objective is kept")] = 1,
+    restarts: Annotated[int, typer.Option(help=ranged("--restarts", "random restarts per member; the best objective is kept"))] = 1,
     data: Annotated[Optional[str], typer.Option("--data", "-d", metavar="SPEC",
                                                 help="also measure the interpolation barrier on this data")] = None,
-    barrier_pairs: Annotated[int, typer.Option(help="member pairs for the barrier")] = 3,
-    seed: Annotated[int, typer.Option(help="seed of restarts and barrier pairs")] = 0,
+    barrier_pairs: Annotated[int, typer.Option(help=ranged("--barrier-pairs", "member pairs for the barrier"))] = 3,
+    seed: Annotated[int, typer.Option(help=ranged("--seed", "seed of restarts and barrier pairs"))] = 0,
     opts: Shared = Shared(),
 ) -> None:
     """Permutation-align a zoo to one template; every member is verified to compute the same function."""
     from .permute.canonicalize import CanonOptions, canonical_summary
     from .permute.canonicalize import canonicalize as run
-    from .runtime import resolve_device
 
     with user_errors():
-        torch_device = resolve_device(opts.device)
+        torch_device = _start(opts)
         zoo_obj = _open_input(zoo_path, opts)
         options = CanonOptions(method, template, restarts, seed, data, barrier_pairs)
         with RichProgress(quiet=opts.as_json) as progress:
@@ -275,36 +288,35 @@ def canonicalize(
 
 
 @app.command()
-@shared("arch", "model_args", "skip_bad", "weights", "pick", "device", "force", "as_json")
+@shared("arch", "model_args", "skip_bad", "weights", "pick", "threads", "device", "force", "as_json")
 def train(
     zoo_path: Annotated[Path, typer.Argument(metavar="ZOO", help="canonical zoo (or any zoo)")],
     out: OutOption,
     space: Annotated[str, typer.Option(help=_space_help())] = "auto",
-    components: Annotated[Optional[int], typer.Option(help="pca space: components (default: training members - 1)")] = None,
+    components: Annotated[Optional[int], typer.Option(help=ranged("--components", "pca space: components (default: training members - 1)"))] = None,
     net: Annotated[str, typer.Option(help=_net_help())] = "mlp",
-    width: Annotated[Optional[int], typer.Option(help="velocity net width (mlp default 512)")] = None,
-    depth: Annotated[Optional[int], typer.Option(help="velocity net blocks (mlp default 3)")] = None,
-    steps: Annotated[int, typer.Option(help="optimizer steps")] = 5000,
-    batch_size: Annotated[int, typer.Option(help="flow-matching batch size")] = 256,
-    lr: Annotated[float, typer.Option(help="peak learning rate (AdamW, warm-up then cosine)")] = 1e-3,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = 0.0,
-    warmup_steps: Annotated[int, typer.Option(help="linear warm-up steps")] = 200,
-    grad_clip: Annotated[float, typer.Option(help="gradient norm clip")] = 1.0,
-    ema_decay: Annotated[float, typer.Option(help="EMA decay of the weights that are saved")] = 0.999,
+    width: Annotated[Optional[int], typer.Option(help=ranged("--width", "velocity net width (mlp default 512)"))] = None,
+    depth: Annotated[Optional[int], typer.Option(help=ranged("--depth", "velocity net blocks (mlp default 3)"))] = None,
+    steps: Annotated[int, typer.Option(help=ranged("--steps", "optimizer steps"))] = 5000,
+    batch_size: Annotated[int, typer.Option(help=ranged("--batch-size", "flow-matching batch size"))] = 256,
+    lr: Annotated[float, typer.Option(help=ranged("--lr", "peak learning rate (AdamW, warm-up then cosine)"))] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help=ranged("--weight-decay", "AdamW weight decay"))] = 0.0,
+    warmup_steps: Annotated[int, typer.Option(help=ranged("--warmup-steps", "linear warm-up steps"))] = 200,
+    grad_clip: Annotated[float, typer.Option(help=ranged("--grad-clip", "gradient norm clip"))] = 1.0,
+    ema_decay: Annotated[float, typer.Option(help=ranged("--ema-decay", "EMA decay of the weights that are saved"))] = 0.999,
     time_sampling: Annotated[str, typer.Option(help="uniform | logit-normal")] = "uniform",
-    ot: Annotated[bool, typer.Option("--ot/--no-ot", help="minibatch optimal-transport coupling")] = True,
-    holdout: Annotated[float, typer.Option(help="fraction of members kept out of training")] = 0.1,
-    checkpoint_every: Annotated[int, typer.Option(help="write a resumable checkpoint every K steps")] = 500,
-    seed: Annotated[int, typer.Option(help="seed of init, noise, times and holdout")] = 0,
+    ot: Annotated[bool, typer.Option("--ot/--no-ot", metavar="", help="minibatch optimal-transport coupling")] = True,
+    holdout: Annotated[float, typer.Option(help=ranged("--holdout", "fraction of members kept out of training"))] = 0.1,
+    checkpoint_every: Annotated[int, typer.Option(help=ranged("--checkpoint-every", "write a resumable checkpoint every K steps"))] = 500,
+    seed: Annotated[int, typer.Option(help=ranged("--seed", "seed of init, noise, times and holdout"))] = 0,
     opts: Shared = Shared(),
 ) -> None:
     """Fit a flow-matching generator in weight space (GPU if present; torchrun for several)."""
     from .flow.distributed import is_main_process
     from .flow.train import TrainConfig, generator_summary, train_generator
-    from .runtime import resolve_device
 
     with user_errors():
-        torch_device = resolve_device(opts.device)
+        torch_device = _start(opts)
         space_args = {"components": components} if components is not None else {}
         net_args = {k: v for k, v in (("width", width), ("depth", depth)) if v is not None}
         config = TrainConfig(space, space_args, net, net_args, steps, batch_size, lr, weight_decay, warmup_steps,
@@ -321,30 +333,30 @@ def train(
 
 
 @app.command()
-@shared("device", "force", "as_json")
+@shared("threads", "device", "force", "as_json")
 def sample(
     generator_path: Annotated[Path, typer.Argument(metavar="GEN", help="generator folder from wgen train")],
     out: OutOption,
-    count: Annotated[int, typer.Option("--count", "-n", help="number of samples")] = 100,
+    count: Annotated[int, typer.Option("--count", "-n", help=ranged("--count", "number of samples"))] = 100,
     solver: Annotated[str, typer.Option(help="euler | midpoint | rk4 (fixed steps) | dopri5 (adaptive)")] = "rk4",
-    steps: Annotated[int, typer.Option(help="integration steps of fixed-step solvers")] = 5,
-    batch_size: Annotated[int, typer.Option(help="samples decoded and written together (bounds memory)")] = 50,
-    seed: Annotated[int, typer.Option(help="sample i starts from noise seeded SEED * 1e6 + i")] = 0,
+    steps: Annotated[int, typer.Option(help=ranged("--steps", "integration steps of fixed-step solvers"))] = 5,
+    batch_size: Annotated[int, typer.Option(help=ranged("--batch-size", "samples decoded and written together (bounds memory)"))] = 50,
+    seed: Annotated[int, typer.Option(help=ranged("--seed", "sample i starts from noise seeded SEED * 1e6 + i"))] = 0,
     calibrate: Annotated[Optional[str], typer.Option(metavar="SPEC",
                                                      help="re-estimate BatchNorm statistics on this data's train split")] = None,
-    project: Annotated[bool, typer.Option(help="pca spaces: put end points back on the sphere the members lie on")] = True,
-    min_radius: Annotated[float, typer.Option(help="pca spaces: reject end points inside this fraction of that sphere "
-                                                   "(blends of members; 0 keeps all, as does --no-project)")] = 0.8,
+    project: Annotated[bool, typer.Option(metavar="", help="pca spaces: put end points back on the sphere the members lie on")] = True,
+    min_radius: Annotated[float, typer.Option(help=ranged("--min-radius", "pca spaces: reject end points inside this "
+                                                   "fraction of that sphere (blends of members; 0 keeps all, as does "
+                                                   "--no-project)"))] = 0.8,
     opts: Shared = Shared(),
 ) -> None:
     """Sample N new checkpoints (timm local-dir folders + manifest.json); re-run to resume."""
     from .flow.generator import load_generator
     from .flow.sample import SampleOptions, sample_summary
     from .flow.sample import sample as run
-    from .runtime import resolve_device
 
     with user_errors():
-        torch_device = resolve_device(opts.device)
+        torch_device = _start(opts)
         options = SampleOptions(count, solver, steps, batch_size, seed, calibrate, project, min_radius)
         options.check()
         generator = load_generator(generator_path, torch_device)
@@ -357,7 +369,7 @@ def sample(
 
 
 @app.command(name="eval")
-@shared("device", "as_json")
+@shared("threads", "device", "as_json")
 def eval_command(
     target: Annotated[Path, typer.Argument(metavar="SAMPLES", help="samples folder (or any zoo)")],
     zoo_path: Annotated[Optional[Path], typer.Option("--zoo", metavar="ZOO",
@@ -367,22 +379,21 @@ def eval_command(
     out: Annotated[Optional[Path], typer.Option("--out", metavar="FILE", help="write the JSON report here")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", metavar="FILE", help="write the PNG figure here")] = None,
     noise_scales: Annotated[str, typer.Option(help="relative scales of the noise baselines, comma-separated")] = "0.05,0.1,0.2,0.3,0.5,0.8",
-    soup_k: Annotated[int, typer.Option(help="members per soup baseline")] = 3,
-    baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="build baselines from the zoo")] = True,
-    recalibrate: Annotated[bool, typer.Option("--recalibrate/--no-recalibrate",
+    soup_k: Annotated[int, typer.Option(help=ranged("--soup-k", "members per soup baseline"))] = 3,
+    baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", metavar="", help="build baselines from the zoo")] = True,
+    recalibrate: Annotated[bool, typer.Option("--recalibrate/--no-recalibrate", metavar="",
                                               help="also measure samples and baselines with BatchNorm re-estimated on "
                                                    "the train split")] = True,
-    rematch: Annotated[int, typer.Option(help="nearest training members each model is re-matched to by weight "
-                                              "matching before distances count")] = 3,
-    seed: Annotated[int, typer.Option(help="seed of the baselines")] = 0,
+    rematch: Annotated[int, typer.Option(help=ranged("--rematch", "nearest training members each model is re-matched "
+                                                              "to by weight matching before distances count"))] = 3,
+    seed: Annotated[int, typer.Option(help=ranged("--seed", "seed of the baselines"))] = 0,
     opts: Shared = Shared(),
 ) -> None:
     """Are the samples new networks as good as fresh runs? Quality and novelty next to held-out members and baselines."""
     from .evaluate import EvalOptions, eval_summary, evaluate_models, parse_scales, write_report
-    from .runtime import resolve_device
 
     with user_errors():
-        torch_device = resolve_device(opts.device)
+        torch_device = _start(opts)
         options = EvalOptions(data, split, parse_scales(noise_scales), soup_k, seed, baselines, recalibrate,
                               rematch=rematch)
         with RichProgress(quiet=opts.as_json) as progress:
@@ -395,7 +406,7 @@ def eval_command(
 
 
 @app.command()
-@shared("device")
+@shared("threads", "device")
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR",
                                       help="folder for every stage's output (re-run to resume)")] = Path("wgen-demo"),
@@ -404,14 +415,21 @@ def demo(
     """The whole chain on built-in digits: zoo -> canonicalize -> train -> sample -> eval."""
     from .demo import run_demo
     from .evaluate import eval_summary
-    from .runtime import resolve_device
 
     started = time.perf_counter()
     with user_errors():
         with RichProgress() as progress:
-            report = run_demo(out, resolve_device(opts.device), progress=progress)
+            report = run_demo(out, _start(opts), progress=progress)
     show(eval_summary(report, out / "report.json", out / "report.png"))
     console.print(f"demo finished in {time.perf_counter() - started:.0f}s")
+
+
+def _start(opts: Shared, shards: int = 1) -> Any:
+    """Set a command's CPU threads and return its torch device (torch is imported here, not at start-up)."""
+    from .runtime import resolve_device, set_threads
+
+    set_threads(opts.threads, shards)
+    return resolve_device(opts.device)
 
 
 def _open_input(path: Path, opts: Shared) -> Any:
@@ -430,4 +448,7 @@ def _warn_skipped(messages: list[str]) -> None:
 
 def main() -> None:
     """Entry point of the ``wgen`` console script."""
-    app()
+    command = typer.main.get_command(app)
+    with command.make_context("wgen", [], resilient_parsing=True) as ctx:
+        _bare_flags(command, ctx)  # the root's --help is shown before any callback runs
+    command(prog_name="wgen")

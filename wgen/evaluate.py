@@ -33,6 +33,7 @@ from .baselines import baseline_builders
 from .checkpoints import StateDict, Zoo, open_zoo, read_json, zoo_fingerprint
 from .data import SPLITS, SplitData, data_for_zoo
 from .errors import WgenError
+from .limits import check, check_all
 from .flow.generator import GeneratorConfig, read_generator_config
 from .flow.sample import MANIFEST_JSON, reason_text, rejection_counts
 from .metrics import ensemble_curve, mean_disagreement, per_model_metrics, recalibrated, stacked_logits
@@ -65,12 +66,9 @@ class EvalOptions:
         """Raise a WgenError for an option out of range."""
         if self.split not in SPLITS:
             raise WgenError(f"unknown --split {self.split!r}", "use train, val or test")
-        if self.soup_k < 2:
-            raise WgenError("--soup-k must be at least 2", "e.g. --soup-k 3")
-        if any(not s > 0 for s in self.noise_scales):
-            raise WgenError("--noise-scales must be positive numbers", "e.g. 0.1,0.3,0.5")
-        if self.rematch < 0:
-            raise WgenError("--rematch must be at least 0", "e.g. --rematch 3")
+        check_all({"--soup-k": self.soup_k, "--rematch": self.rematch, "--seed": self.seed})
+        for scale in self.noise_scales:
+            check("--noise-scale", scale)
 
 
 def parse_scales(text: str) -> tuple[float, ...]:

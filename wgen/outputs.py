@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -123,7 +124,8 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; a member is an ordinary folder
     try:
-        yield tmp
+        with _disk_full_is_a_user_error(final):
+            yield tmp
         old = None
         if final.exists():
             old = final.parent / f".{final.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
@@ -142,9 +144,10 @@ def atomic_file(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; the result is an ordinary file
     try:
-        yield Path(tmp)
+        with _disk_full_is_a_user_error(path):
+            yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp (and some writers) make it private: an ordinary file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -172,6 +175,19 @@ def write_folder(path: Path, files: dict[str, Chunks]) -> dict[str, str]:
                     handle.write(chunk)
             digests[name] = digest.result()
     return digests
+
+
+@contextlib.contextmanager
+def _disk_full_is_a_user_error(path: Path) -> Iterator[None]:
+    """Turn a write that ran out of disk space (an OSError, or safetensors' own error) into a WgenError."""
+    try:
+        yield
+    except Exception as exc:
+        full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        if not (full or "No space left on device" in str(exc)):
+            raise
+        raise WgenError(f"{path}: no space left on the device",
+                        "free some space, then re-run the same command: what was written is kept") from exc
 
 
 def current_umask() -> int:

@@ -53,7 +53,10 @@ class Registry:
         if unknown:
             raise WgenError(f"the {name} {self.what} has no setting {unknown[0]!r}",
                             f"its settings: {', '.join(sorted(known)) or 'none'}")
-        return cls(**args)
+        options = cls(**args)
+        if hasattr(options, "check"):
+            options.check()
+        return options
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,8 @@
-"""Device selection and seeding shared by every command."""
+"""Devices, CPU threads and seeding shared by every command."""
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -21,6 +22,30 @@ def resolve_device(name: str) -> torch.device:
                             "use --device cpu or --device auto")
         return torch.device(name)
     raise WgenError(f"unknown device {name!r}", "use one of auto, cpu, cuda, cuda:N")
+
+
+def default_threads(shards: int = 1) -> int:
+    """Return the CPU threads a process should use: ``OMP_NUM_THREADS`` if set, else the cores this process
+    may run on divided among ``shards`` processes on this host."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // shards)
+
+
+def set_threads(threads: int | None, shards: int = 1) -> int:
+    """Make torch use ``threads`` CPU threads (None: :func:`default_threads`); return the number used.
+
+    Two processes with a thread per core each on one machine run more than ten times slower than
+    one: processes sharing a host must share its cores.
+    """
+    from .limits import check
+
+    if threads is not None:
+        check("--threads", threads)
+    threads = threads or default_threads(shards)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -24,6 +24,7 @@ from .checkpoints import (CONFIG_NAME, WEIGHTS_NAME, ZOO_JSON, ModelSpec, StateD
                           open_zoo, read_json, state_dict_fingerprint, write_member)
 from .data import DataSpec, SplitData, SplitSpec, dataset_default_size, file_inputs, load_data, parse_data_spec
 from .errors import WgenError
+from .limits import Limit, check, check_all
 from .metrics import accuracy
 from .optim import warmup_cosine
 from .outputs import atomic_write_json, prepare_output
@@ -60,6 +61,16 @@ class Recipe:
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0
     init: str | None = None  # checkpoint every member is fine-tuned from
+
+    def check(self) -> None:
+        """Raise a WgenError for a setting out of its range (before anything is read or written)."""
+        if self.optimizer not in OPTIMIZERS:
+            raise WgenError(f"unknown optimizer {self.optimizer!r}", f"use one of {', '.join(OPTIMIZERS)}")
+        check_all({"--epochs": self.epochs, "--lr": self.lr, "--weight-decay": self.weight_decay,
+                   "--normalized-decay": self.normalized_decay, "--warmup-epochs": self.warmup_epochs,
+                   "--label-smoothing": self.label_smoothing, "--img-size": self.img_size,
+                   "--seed-start": self.seed_start, "--split-seed": self.split.seed})
+        check("--batch-size", self.batch_size, Limit(2, integer=True))  # BatchNorm cannot train on one example
 
     def to_json(self) -> dict[str, Any]:
         """Return the recipe as JSON (the split as its seed and fractions)."""
@@ -150,12 +161,7 @@ class ZooPlan:
 
 def plan_zoo(recipe: Recipe) -> ZooPlan:
     """Return the plan of ``recipe`` after checking every input; nothing is written."""
-    if recipe.optimizer not in OPTIMIZERS:
-        raise WgenError(f"unknown optimizer {recipe.optimizer!r}", f"use one of {', '.join(OPTIMIZERS)}")
-    if recipe.epochs < 1 or recipe.batch_size < 2 or recipe.lr <= 0:
-        raise WgenError("epochs must be >= 1, batch size >= 2 and lr > 0", "check the training options")
-    if recipe.weight_decay < 0 or (recipe.normalized_decay or 0) < 0:
-        raise WgenError("weight decay must be >= 0", "check --weight-decay and --normalized-decay")
+    recipe.check()
     if recipe.normalized_decay is None:  # fine-tuning keeps the init's weights at their scale
         recipe = replace(recipe, normalized_decay=recipe.weight_decay if recipe.init else NORMALIZED_DECAY)
     data_spec = parse_data_spec(recipe.data)
@@ -175,7 +181,10 @@ def plan_zoo(recipe: Recipe) -> ZooPlan:
 
 
 def _read_init(path: str, spec: ModelSpec) -> StateDict:
-    init = open_zoo(path, arch=spec.architecture, model_args=spec.model_args, skip_hint=False)
+    try:
+        init = open_zoo(path, arch=spec.architecture, model_args=spec.model_args, skip_hint=False)
+    except WgenError as exc:
+        raise WgenError(f"--init {exc.message}", exc.hint) from exc
     if len(init.members) != 1:
         raise WgenError(f"--init {path} holds {len(init.members)} checkpoints, not one",
                         "point --init at one member folder or file")
@@ -202,8 +211,7 @@ def train_zoo(plan: ZooPlan, out: Path, count: int, device: torch.device, shard:
     Members already in ``out`` from the same recipe are kept (resume). An ``out`` made with another
     recipe is refused unless ``force``, which replaces it (only if wgen wrote it).
     """
-    if count < 1:
-        raise WgenError(f"-n {count}: a zoo needs at least one member", "use -n 1 or more")
+    check("--count", count)
     header = plan.header()
     prepare_output(out, "zoo", plan.inputs(), force, lambda folder: _same_recipe(folder, header))
     mine = list(range(shard[0], count, shard[1]))
@@ -327,11 +335,13 @@ def _warmup_cosine(optimizer: torch.optim.Optimizer, warmup: float, total: int) 
 
 
 def _same_recipe(out: Path, header: dict[str, Any]) -> bool:
-    """Return whether ``out`` holds a zoo of this recipe (to resume); raise naming what differs."""
+    """Return whether ``out`` holds a zoo of this recipe, or one with no member yet (to resume); raise naming
+    what differs when members trained with other settings would be mixed in."""
     if not (out / ZOO_JSON).is_file():
         return False
-    differing = _differences(read_json(out / ZOO_JSON), header)
-    if differing:
+    existing = read_json(out / ZOO_JSON)
+    differing = _differences(existing, header)
+    if differing and existing.get("members"):
         raise WgenError(f"{out}: holds a zoo made with other settings ({differing[0]})",
                         "re-run with the same settings to resume, choose another -o, or pass --force")
     return True

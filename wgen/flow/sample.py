@@ -21,6 +21,7 @@ import torch
 from ..checkpoints import CONFIG_NAME, WEIGHTS_NAME, config_bytes, member_config, read_json, write_member
 from ..data import data_for_zoo, file_inputs
 from ..errors import WgenError
+from ..limits import check_all
 from ..metrics import forward_stacked, recalibrated
 from ..outputs import atomic_write_json, prepare_output, write_folder
 from ..progress import SILENT, Progress
@@ -56,14 +57,10 @@ class SampleOptions:
 
     def check(self) -> None:
         """Raise a WgenError for an option out of range."""
-        if self.count < 1 or self.batch_size < 1:
-            raise WgenError("-n and --batch-size must be at least 1", "e.g. -n 200 --batch-size 50")
         if self.solver not in SOLVERS:
             raise WgenError(f"unknown --solver {self.solver!r}", f"use one of {', '.join(SOLVERS)}")
-        if self.steps < 1:
-            raise WgenError("--steps must be at least 1", "e.g. --steps 20")
-        if not 0.0 <= self.min_radius < 1.0:
-            raise WgenError(f"--min-radius must be in [0, 1), got {self.min_radius}", "e.g. 0.8, or 0 to keep every blend")
+        check_all({"--count": self.count, "--batch-size": self.batch_size, "--steps": self.steps, "--seed": self.seed,
+                   "--min-radius": self.min_radius})
 
     def run(self, generator: Generator) -> dict[str, Any]:
         """Return what decides the samples of a run (a run with the same values resumes this one)."""

@@ -21,6 +21,7 @@ from torch.func import functional_call
 
 from ..checkpoints import Zoo, zoo_fingerprint
 from ..errors import WgenError
+from ..limits import check_all
 from ..optim import warmup_cosine
 from ..outputs import prepare_output
 from ..progress import SILENT, Progress
@@ -69,14 +70,10 @@ class TrainConfig:
         NETS.options(self.net, self.net_args)
         if self.time_sampling not in TIME_SAMPLING:
             raise WgenError(f"unknown --time-sampling {self.time_sampling!r}", f"use one of {', '.join(TIME_SAMPLING)}")
-        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0:
-            raise WgenError("steps and batch size must be >= 1 and lr > 0", "check the training options")
-        if self.checkpoint_every < 1 or self.warmup_steps < 0:
-            raise WgenError("--checkpoint-every must be >= 1 and --warmup-steps >= 0", "check the training options")
-        if not 0 <= self.ema_decay < 1:
-            raise WgenError(f"--ema-decay {self.ema_decay} must be in [0, 1)", "e.g. 0.999")
-        if not 0 <= self.holdout < 1:
-            raise WgenError(f"--holdout {self.holdout} must be in [0, 1)", "e.g. --holdout 0.1")
+        check_all({"--steps": self.steps, "--batch-size": self.batch_size, "--lr": self.lr,
+                   "--weight-decay": self.weight_decay, "--warmup-steps": self.warmup_steps,
+                   "--grad-clip": self.grad_clip, "--ema-decay": self.ema_decay, "--holdout": self.holdout,
+                   "--seed": self.seed, "--checkpoint-every": self.checkpoint_every})
 
 
 def split_holdout(names: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:

@@ -8,7 +8,6 @@ finished output of the same zoo and settings returns its report.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -20,6 +19,7 @@ import torch
 from ..checkpoints import ZOO_JSON, MemberRef, StateDict, Zoo, member_config, read_json, write_member, zoo_fingerprint
 from ..data import SplitData, data_for_zoo, file_inputs
 from ..errors import WgenError
+from ..limits import check_all
 from ..metrics import flatten, loss_and_accuracy, reestimate_batchnorm
 from ..outputs import atomic_dir, atomic_write_json, check_output, write_marker
 from ..progress import SILENT, Progress
@@ -52,10 +52,7 @@ class CanonOptions:
         """Raise a WgenError for an option out of range; return the template's member index (None: barycenter)."""
         if self.method not in METHODS:
             raise WgenError(f"unknown --method {self.method!r}", f"use one of {', '.join(METHODS)}")
-        if self.restarts < 1:
-            raise WgenError("--restarts must be at least 1", "e.g. --restarts 3")
-        if self.barrier_pairs < 1:
-            raise WgenError("--barrier-pairs must be at least 1", "e.g. --barrier-pairs 3")
+        check_all({"--restarts": self.restarts, "--barrier-pairs": self.barrier_pairs, "--seed": self.seed})
         return parse_template(self.template, members)
 
 
@@ -199,7 +196,7 @@ def _align_to_template(spec: PermSpec, states: list[StateDict], template_index: 
                        options: CanonOptions, device: torch.device, progress: Progress) -> list[Alignment]:
     """Align every member to the template; on CPU, spread members over processes (one per core)."""
     jobs = [i for i in range(len(states)) if i != template_index]
-    workers = min(len(jobs), os.cpu_count() or 1) if device.type == "cpu" else 1
+    workers = min(len(jobs), torch.get_num_threads()) if device.type == "cpu" else 1  # the threads this run was given
     results: dict[int, Alignment] = {template_index: identity_alignment(spec, states[template_index])}
     args = [(spec, states[template_index], states[i], score_keys, options.restarts, options.seed + i) for i in jobs]
     work = len(jobs) * sum(states[template_index][k].numel() for k in score_keys)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ...limits import check_all
 from ..spaces.base import WeightSpace
 from .base import SinusoidalTime, VelocityNet
 
@@ -19,6 +20,10 @@ class MLPOptions:
     depth: int = 3
     time_dim: int = 128
     dropout: float = 0.0
+
+    def check(self) -> None:
+        """Raise a WgenError for a size out of its range."""
+        check_all({"--width": self.width, "--depth": self.depth, "--time-dim": self.time_dim, "--dropout": self.dropout})
 
 
 class ResidualBlock(nn.Module):

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ...errors import WgenError
+from ...limits import check_all
 from .base import MIN_SCALE, EndPoints, Layout, Normalization, StateDict, WeightSpace, load_layout, saved_layout
 
 BLEND = "a blend of members"  # why an end point inside --min-radius is rejected
@@ -27,6 +28,10 @@ class PCAOptions:
     """Settings of the pca space."""
 
     components: int | None = None  # default: training members - 1
+
+    def check(self) -> None:
+        """Raise a WgenError for a setting out of its range (the upper bound depends on the zoo)."""
+        check_all({"--components": self.components})
 
 
 class PCASpace(WeightSpace):
