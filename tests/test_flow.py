@@ -493,3 +493,52 @@ def test_torchrun_ddp_on_cpu_with_two_gloo_processes(random_zoo: Path, tmp_path:
     assert config["training"]["world_size"] == 2
     assert (gen / "model.safetensors").is_file()
     shutil.rmtree(gen)
+
+
+# ------------------------------------------------------------------------------------------------
+# the structure-aware generator: units space + graph net
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_the_graph_net_is_equivariant_to_unit_permutations(center: bool) -> None:
+    from wgen.permute.groups import derive_groups
+    from wgen.permute.match import apply_alignment, random_alignment
+
+    states = [make_state(seed=i) for i in range(3)]
+    space = fit_space("units", {"center": center}, states, CPU, TINY, (3, 32, 32))
+    net = create_net("graph", {"width": 8, "depth": 2}, space)
+    for layer in net.out:  # a trained net's output, not the zero it starts from
+        torch.nn.init.normal_(layer.weight, std=0.1)
+    alignment = random_alignment(derive_groups(TINY.create(), (3, 32, 32)), states[0], torch.Generator().manual_seed(3))
+
+    def permuted(vectors: torch.Tensor) -> torch.Tensor:
+        out = []
+        for vector in vectors:
+            state = {s.key: vector[s.offset:s.offset + s.size].view(s.shape) for s in space.layout.slots}
+            state = apply_alignment(state, alignment)
+            out.append(torch.cat([state[s.key].reshape(-1) for s in space.layout.slots]))
+        return torch.stack(out)
+
+    t = torch.tensor([0.2, 0.9])
+    x = torch.randn(2, space.numel)
+    with torch.no_grad():
+        expected = permuted(net(x, t))
+        if center:  # the template is an input too: units are told apart by it, unless it moves with them
+            assert not torch.allclose(net(permuted(x), t), expected, atol=1e-4)
+            net.template = permuted(net.template)
+        got = net(permuted(x), t)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert net.parameter_count() < 100_000  # sized by tensors and their features, not by units
+
+
+def test_units_and_graph_train_and_sample(random_zoo: Path, tmp_path: Path, run_cli) -> None:
+    gen = tmp_path / "gen"
+    result = run_cli("train", random_zoo, "-o", gen, "--space", "units", "--net", "graph", "--width", "8",
+                     "--depth", "1", "--steps", "3", "--batch-size", "4")
+    assert result.exit_code == 0, result.output
+    config = json.loads((gen / "config.json").read_text())
+    assert config["space"]["kind"] == "units" and len(config["space"]["groups"]) == 11
+    assert config["net"] == {"kind": "graph", "width": 8, "depth": 1, "time_dim": 64}
+    result = run_cli("sample", gen, "-n", "2", "-o", tmp_path / "s")
+    assert result.exit_code == 0, result.output
+    assert timm.create_model(f"local-dir:{tmp_path / 's' / 'sample-001'}", pretrained=True).fc.out_features == 10

@@ -104,7 +104,8 @@ def train_generator(zoo: Zoo, out: Path, config: TrainConfig, device: torch.devi
     if resume and finished:
         finish_distributed(ranks)
         return read_generator_config(out) if ranks.main else None
-    space = fit_space(config.space, config.space_args, [states[n] for n in train_names], device)
+    space = fit_space(config.space, config.space_args, [states[n] for n in train_names], device, zoo.spec,
+                      zoo.preprocessing()[0])
     data = space.encode([states[n] for n in train_names]).float()
     held = space.encode([states[n] for n in holdout_names]).float() if holdout_names else None
     del states

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 NETS = Registry("velocity net", "--net", {
     "mlp": "wgen.flow.nets.mlp:VelocityMLP",
+    "graph": "wgen.flow.nets.graph:VelocityGraph",
 })
 DEFAULT_NET = "mlp"
 

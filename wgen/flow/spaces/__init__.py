@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 SPACES = Registry("weight space", "--space", {
     "full": "wgen.flow.spaces.full:FullSpace",
     "pca": "wgen.flow.spaces.pca:PCASpace",
+    "units": "wgen.flow.spaces.units:UnitSpace",
 })
 AUTO = "auto"
 FULL_SPACE_MAX_DIM = 50_000
@@ -39,15 +40,17 @@ def resolve_kind(kind: str, values: int) -> str:
     return kind
 
 
-def fit_space(kind: str, args: dict[str, Any], states: list[StateDict], device: torch.device) -> WeightSpace:
-    """Return a space of ``kind`` (or ``auto``) with settings ``args``, fitted on the training members ``states``."""
-    from .base import Layout
+def fit_space(kind: str, args: dict[str, Any], states: list[StateDict], device: torch.device, spec: Any = None,
+              input_size: tuple[int, int, int] | None = None) -> WeightSpace:
+    """Return a space of ``kind`` (or ``auto``) with settings ``args``, fitted on the training members ``states``
+    (of model ``spec`` at ``input_size``, which structure-aware spaces trace)."""
+    from .base import FitContext, Layout
 
     if len(states) < 2:
         raise WgenError(f"a generator needs at least 2 training members, got {len(states)}",
                         "train a larger zoo, or lower --holdout")
     kind = resolve_kind(kind, Layout.from_state(states[0]).dim)
-    return SPACES.get(kind).fit(states, SPACES.options(kind, args), device)
+    return SPACES.get(kind).fit(states, SPACES.options(kind, args), FitContext(device, spec, input_size))
 
 
 def load_space(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> WeightSpace:

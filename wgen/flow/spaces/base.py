@@ -123,6 +123,15 @@ class Normalization:
         return normalized.mul_(self.scale.to(normalized.device)).add_(self.mean.to(normalized.device))
 
 
+@dataclass(frozen=True)
+class FitContext:
+    """What a space may use beyond the members' weights: where to compute, and the networks they are."""
+
+    device: torch.device
+    spec: Any = None  # the zoo's ModelSpec (structure-aware spaces trace it)
+    input_size: tuple[int, int, int] | None = None
+
+
 @dataclass
 class EndPoints:
     """Flow end points settled by their space: possibly moved, with per-sample notes and rejections."""
@@ -155,7 +164,7 @@ class WeightSpace:
         self.layout = layout
 
     @classmethod
-    def fit(cls, states: list[StateDict], options: Any, device: torch.device) -> WeightSpace:
+    def fit(cls, states: list[StateDict], options: Any, context: FitContext) -> WeightSpace:
         """Return the space fitted on the training members ``states`` (with this kind's ``Options``)."""
         raise NotImplementedError
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .base import Layout, Normalization, StateDict, WeightSpace, load_layout, saved_layout
+from .base import FitContext, Layout, Normalization, StateDict, WeightSpace, load_layout, saved_layout
 
 
 class FullSpace(WeightSpace):
@@ -17,9 +17,9 @@ class FullSpace(WeightSpace):
         self.norm = norm
 
     @classmethod
-    def fit(cls, states: list[StateDict], options: Any, device: torch.device) -> FullSpace:
+    def fit(cls, states: list[StateDict], options: Any, context: FitContext) -> FullSpace:
         layout = Layout.from_state(states[0])
-        norm, _ = Normalization.fit(layout.stack(states).to(device), layout)
+        norm, _ = Normalization.fit(layout.stack(states).to(context.device), layout)
         return cls(layout, norm)
 
     @classmethod

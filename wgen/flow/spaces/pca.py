@@ -18,7 +18,7 @@ import torch
 
 from ...errors import WgenError
 from ...limits import check_all
-from .base import MIN_SCALE, EndPoints, Layout, Normalization, StateDict, WeightSpace, load_layout, saved_layout
+from .base import MIN_SCALE, EndPoints, FitContext, Layout, Normalization, StateDict, WeightSpace, load_layout, saved_layout
 
 BLEND = "a blend of members"  # why an end point inside --min-radius is rejected
 
@@ -50,13 +50,13 @@ class PCASpace(WeightSpace):
         self.radius = radius
 
     @classmethod
-    def fit(cls, states: list[StateDict], options: PCAOptions, device: torch.device) -> PCASpace:
+    def fit(cls, states: list[StateDict], options: PCAOptions, context: FitContext) -> PCASpace:
         k = options.components if options.components is not None else len(states) - 1
         if not 1 <= k <= len(states) - 1:
             raise WgenError(f"--components {k} must be between 1 and training members - 1 ({len(states) - 1})",
                             "PCA on N members has at most N - 1 directions")
         layout = Layout.from_state(states[0])
-        norm, centred = Normalization.fit(layout.stack(states).to(device), layout)
+        norm, centred = Normalization.fit(layout.stack(states).to(context.device), layout)
         normalized = centred.div_(norm.scale)
         basis, singular = principal_directions(normalized, k)
         coef_std = (singular / (len(states) - 1) ** 0.5).clamp_min(MIN_SCALE)
