@@ -39,6 +39,7 @@ ENTRIES_LOG = ".entries.jsonl"  # samples an unfinished run has written
 SAMPLE_SEED_STRIDE = 1_000_000
 INTEGRATION_CHUNK = 512  # most samples integrated at once ...
 INTEGRATION_BYTES = 64 << 20  # ... and most bytes for one ODE state (decoding goes --batch-size at a time)
+CHECK_BYTES = 256 << 20  # weights of the networks whose outputs are checked in one pass
 MANY_BLENDS = 0.1  # warn when more end points than this share are blends: a healthy generator leaves ~0.3%
 
 
@@ -190,13 +191,20 @@ class _BatchWriter:
         return entries
 
     def _outputs_finite(self, values: torch.Tensor, keep: list[bool]) -> Any:
-        """Return an iterator over the kept rows: whether the network's outputs on the check input are finite."""
+        """Return an iterator over the kept rows: whether the network's outputs on the check input are finite.
+
+        The kept networks run together (vmap), as many at a time as CHECK_BYTES of weights: vmapped
+        convolutions copy every model's weights, which for a batch of resnet18s would double the memory.
+        """
         kept = [i for i, ok in enumerate(keep) if ok]
-        if not kept:
-            return iter(())
-        rows = values if len(kept) == len(values) else values[kept]
-        stacked = {k: v.to(self.device) for k, v in self.packed.stacked(rows).items()}
-        return iter(bool(torch.isfinite(o).all()) for o in forward_stacked(self.model, stacked, self.check_x))
+        per_pass = max(1, CHECK_BYTES // (4 * values.shape[1]))
+        finite: list[bool] = []
+        for start in range(0, len(kept), per_pass):
+            part = kept[start:start + per_pass]
+            rows = values[part[0]:part[-1] + 1] if part[-1] - part[0] + 1 == len(part) else values[part]
+            stacked = {k: v.to(self.device) for k, v in self.packed.stacked(rows).items()}
+            finite += [bool(torch.isfinite(o).all()) for o in forward_stacked(self.model, stacked, self.check_x)]
+        return iter(finite)
 
     def _write_member(self, entry: dict[str, Any], row: torch.Tensor) -> dict[str, str]:
         g, options = self.generator, self.options
