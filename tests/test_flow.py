@@ -458,7 +458,8 @@ def test_sampled_networks_are_accurate(chain: dict[str, Path], run_cli) -> None:
     assert result.exit_code == 0, result.output
     sets = json.loads(result.stdout)["sets"]
     zoo, samples = sets["zoo"]["accuracy"], sets["samples"]["accuracy"]
-    assert sets["samples"]["models"] == 8
+    manifest = json.loads((chain["samples"] / "manifest.json").read_text())
+    assert sets["samples"]["models"] == 8 - manifest["rejected"] >= 6  # blends of members are not written
     assert zoo["min"] > 0.9  # a real zoo: 4 epochs on digits
     assert samples["mean"] >= zoo["mean"] - 0.02 and samples["min"] >= zoo["min"] - 0.05
 

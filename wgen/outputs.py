@@ -126,6 +126,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     try:
         with _disk_full_is_a_user_error(final):
             yield tmp
+        _make_ordinary(tmp)
         old = None
         if final.exists():
             old = final.parent / f".{final.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
@@ -136,6 +137,13 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _make_ordinary(folder: Path) -> None:
+    # some writers (safetensors >= 0.8) create private 0600 files: give everything the umask's modes
+    mask = current_umask()
+    for path in folder.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 @contextlib.contextmanager
