@@ -13,11 +13,13 @@ one JSON object; the outputs stay under ``--out`` (re-running resumes every stag
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,17 +30,30 @@ import torch
 import wgen
 
 
-def stage(name: str, args: list[str], results: dict[str, Any]) -> None:
-    """Run ``wgen *args`` as a process; record its seconds and peak RSS (MiB) under ``name``."""
+def stage(name: str, args: list[str], results: dict[str, Any], parallel: int = 1) -> None:
+    """Run ``wgen *args`` as a process (``parallel`` > 1: as that many ``--shard I/N`` processes at once, sharing
+    the cores); record the wall seconds and the largest peak RSS (MiB) of its processes under ``name``."""
+    commands = [args] if parallel == 1 else [[*args, "--shard", f"{i}/{parallel}"] for i in range(parallel)]
     start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "wgen", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    stdout, stderr = process.stdout.read().decode(), process.stderr.read().decode()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"wgen {' '.join(args)} failed:\n{stderr[-3000:]}")
-    results[name] = {"command": "wgen " + " ".join(args), "seconds": round(seconds, 2),
-                     "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+    with contextlib.ExitStack() as files:
+        # output to files, not pipes: the processes are reaped with wait4, which also gives their peak memory
+        logs = [(files.enter_context(tempfile.TemporaryFile()), files.enter_context(tempfile.TemporaryFile()))
+                for _ in commands]
+        processes = [subprocess.Popen([sys.executable, "-m", "wgen", *command], stdout=out, stderr=err)
+                     for command, (out, err) in zip(commands, logs)]
+        peak = 0
+        for process, (out, err) in zip(processes, logs):
+            _, status, usage = os.wait4(process.pid, 0)
+            peak = max(peak, usage.ru_maxrss)
+            if os.waitstatus_to_exitcode(status) != 0:
+                err.seek(0)
+                raise SystemExit(f"wgen {' '.join(args)} failed:\n{err.read().decode()[-3000:]}")
+        logs[0][0].seek(0)
+        stdout = logs[0][0].read().decode()
+    results[name] = {"command": "wgen " + " ".join(args), "seconds": round(time.perf_counter() - start, 2),
+                     "peak_rss_mib": round(peak / 1024, 1)}
+    if parallel > 1:
+        results[name]["processes"] = parallel
     if "--json" in args:
         results[name]["result"] = json.loads(stdout)
 

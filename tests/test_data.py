@@ -8,12 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from wgen.data import DataSpec, SplitSpec, load_data, parse_data_spec
+import wgen.data
+from wgen.data import (HARD_DIGITS, DataSpec, SplitSpec, _hard_digits, _TensorSource, dataset_default_size, load_data,
+                       parse_data_spec)
 from wgen.errors import WgenError
 
 
 def test_parse_specs() -> None:
     assert parse_data_spec("digits") == DataSpec("digits")
+    assert parse_data_spec("digits-hard") == DataSpec("digits-hard")
     assert parse_data_spec("npz:/x/y.npz") == DataSpec("npz", Path("/x/y.npz"))
     assert str(parse_data_spec("cifar10:/data")) == "cifar10:/data"
 
@@ -21,6 +24,7 @@ def test_parse_specs() -> None:
 @pytest.mark.parametrize("text, message", [
     ("mnist", "unknown dataset spec 'mnist'"),
     ("digits:foo", "unknown dataset spec 'digits:foo'"),
+    ("digits-hard:foo", "unknown dataset spec 'digits-hard:foo'"),
     ("npz:", "dataset spec 'npz:' has no path"),
 ])
 def test_bad_specs(text: str, message: str) -> None:
@@ -66,6 +70,61 @@ def test_digits_batches_match_the_model_input() -> None:
     shuffled = [y for _, y in data.batches("train", 100, torch.Generator().manual_seed(0))]
     again = [y for _, y in data.batches("train", 100, torch.Generator().manual_seed(0))]
     assert all(torch.equal(p, q) for p, q in zip(shuffled, again))
+
+
+def test_digits_hard_images_are_fixed_and_distorted() -> None:
+    x, y, groups = _hard_digits(HARD_DIGITS)
+    again, y_again, groups_again = _hard_digits.__wrapped__(HARD_DIGITS)  # rendered afresh, not the cached copy
+    assert torch.equal(x, again) and torch.equal(y, y_again) and np.array_equal(groups, groups_again)
+    copies = HARD_DIGITS.copies
+    assert x.shape == (1797 * copies, 1, 32, 32) and x.dtype == torch.float32
+    assert x.min() >= 0 and x.max() <= 1
+    plain = load_data("digits", (1, 32, 32), SplitSpec())
+    assert torch.equal(y, plain.source.labels(np.arange(1797)).repeat_interleave(copies))
+    assert np.array_equal(groups, np.repeat(np.arange(1797), copies))
+    first = x[:copies].flatten(1)
+    assert (torch.cdist(first, first) + 2 * torch.eye(copies) > 1).all()  # renderings of one digit differ
+
+
+def test_digits_hard_split_keeps_renderings_together() -> None:
+    a = load_data("digits-hard", (1, 32, 32), SplitSpec(seed=3))
+    b = load_data("digits-hard", (3, 32, 32), SplitSpec(seed=3))
+    c = load_data("digits-hard", (1, 32, 32), SplitSpec(seed=4))
+    assert a.source.x is c.source.x  # rendered once per process, whatever the split seed
+    copies = HARD_DIGITS.copies
+    assert a.record()["sizes"] == {"train": 1258 * copies, "val": 180 * copies, "test": 359 * copies}
+    plain = load_data("digits", (1, 32, 32), SplitSpec(seed=3))
+    for name in ("train", "val", "test"):  # the renderings of exactly the digits that split holds
+        assert np.array_equal(np.unique(a.source.groups[a.indices[name]]), np.sort(plain.indices[name]))
+    assert a.record() == b.record() and a.record()["test_sha256"] != c.record()["test_sha256"]
+    assert dataset_default_size(a.spec) == (32, 32) and a.mean == (0.5,) and a.std == (0.5,)
+    for data in (a, c):
+        groups = {name: data.source.groups[idx] for name, idx in data.indices.items()}
+        all_idx = np.concatenate(list(data.indices.values()))
+        assert len(all_idx) == len(set(all_idx.tolist())) == 1797 * copies
+        assert not set(groups["test"]) & (set(groups["train"]) | set(groups["val"]))
+        assert not set(groups["val"]) & set(groups["train"])
+        for name in ("train", "val", "test"):
+            assert np.all(np.bincount(groups[name]) % copies == 0)  # every group whole or absent
+    x, y = a.tensors("val")
+    assert x.shape == (180 * copies, 1, 32, 32) and x.min() >= -1 and x.max() <= 1
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_uneven_groups_are_dealt_whole(monkeypatch: pytest.MonkeyPatch, official: bool) -> None:
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(60), rng.integers(1, 6, size=60))
+    rng.shuffle(groups)
+    official_test = np.flatnonzero(groups >= 50) if official else None
+    source = _TensorSource(torch.rand(len(groups), 1, 4, 4), torch.tensor(groups % 3), official_test, groups=groups)
+    monkeypatch.setattr(wgen.data, "_load_source", lambda spec: source)
+    data = load_data("digits", (1, 4, 4), SplitSpec(seed=1, val_fraction=0.2, test_fraction=0.2))
+    split_of = {}
+    for name, idx in data.indices.items():
+        for group in groups[idx]:
+            assert split_of.setdefault(group, name) == name
+    assert sorted(np.concatenate(list(data.indices.values())).tolist()) == list(range(len(groups)))
+    assert len({g for g, name in split_of.items() if name == "test"}) == (10 if official else 12)
 
 
 @pytest.mark.parametrize("layout", ["nhw", "nchw", "nhwc"])

@@ -168,7 +168,8 @@ def test_demo_runs_the_chain_and_resumes(tmp_path: Path) -> None:
     notes = Notes()
     report = run_demo(tmp_path, torch.device("cpu"), settings, progress=notes)
     assert [n.split()[1] for n in notes.lines if n.startswith("==>")] == ["zoo", "canonicalize", "train", "sample", "eval"]
-    assert (tmp_path / "report.png").is_file() and set(report["sets"]) >= {"zoo", "samples"}
+    assert (tmp_path / "report.png").is_file() and set(report["sets"]) >= {"zoo", "samples", "held-out"}
+    assert report["data"] == "digits-hard" and report["sets"]["held-out"]["models"] == 1 and report["examples"] == 3590
     before = (tmp_path / "samples" / "manifest.json").read_text()
     run_demo(tmp_path, torch.device("cpu"), settings)  # resumes: finished stages are kept
     assert (tmp_path / "samples" / "manifest.json").read_text() == before

@@ -196,7 +196,7 @@ def _net_help() -> str:
 def zoo(
     arch: Annotated[str, typer.Option("--arch", "-a", help="timm architecture, e.g. test_resnet")],
     data: Annotated[str, typer.Option("--data", "-d", metavar="SPEC",
-                                      help="digits | imagefolder:PATH | cifar10:PATH | cifar100:PATH | npz:PATH")],
+                                      help="digits | digits-hard | imagefolder:PATH | cifar10:PATH | cifar100:PATH | npz:PATH")],
     out: OutOption,
     count: Annotated[int, typer.Option("--count", "-n", help=ranged("--count", "number of members"))] = 8,
     img_size: Annotated[Optional[int], typer.Option(help=ranged("--img-size", "input size for size-flexible models (default: 32 for digits/CIFAR)"))] = None,
@@ -412,7 +412,7 @@ def demo(
                                       help="folder for every stage's output (re-run to resume)")] = Path("wgen-demo"),
     opts: Shared = Shared(),
 ) -> None:
-    """The whole chain on built-in digits: zoo -> canonicalize -> train -> sample -> eval."""
+    """The whole chain on the built-in benchmark (digits-hard): zoo -> canonicalize -> train -> sample -> eval."""
     from .demo import run_demo
     from .evaluate import eval_summary
 
