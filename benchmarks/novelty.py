@@ -66,6 +66,8 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=None, help="epochs per member (default: per architecture)")
     parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument("--shards", type=int, default=len(os.sched_getaffinity(0)),
+                        help="zoo processes at once (default: one per core)")
     parser.add_argument("--gen-name", default="gen", help="folder of this generator (and its samples, report)")
     parser.add_argument("--out", type=Path, default=Path("runs/novelty"))
     parser.add_argument("train_args", nargs="*", help="extra wgen train options, after --")
@@ -73,9 +75,8 @@ def main() -> None:
     root, gen, results = args.out, args.out / args.gen_name, {}
     model_args = args.model_args or MODEL_ARGS.get(args.arch, "{}")
     epochs = args.epochs or EPOCHS.get(args.arch, 10)
-    cores = len(os.sched_getaffinity(0))
     stage("zoo", ["zoo", "-a", args.arch, "-d", "digits-hard", "--model-args", model_args, "-n", str(args.members),
-                  "--epochs", str(epochs), "-o", str(root / "zoo")], results, parallel=cores)
+                  "--epochs", str(epochs), "-o", str(root / "zoo")], results, parallel=args.shards)
     stage("canonicalize", ["canonicalize", str(root / "zoo"), "-o", str(root / "canon")], results)
     stage("train", ["train", str(root / "canon"), "-o", str(gen), "--holdout", str(args.held_out / args.members),
                     *args.train_args], results)
@@ -91,7 +92,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "novelty", "architecture": args.arch, "model_args": json.loads(model_args), "data": "digits-hard",
         "members": args.members, "held_out": args.held_out, "epochs": epochs, "train_args": args.train_args,
-        "machine": platform.processor() or platform.machine(), "cpus": cores,
+        "machine": platform.processor() or platform.machine(), "cpus": len(os.sched_getaffinity(0)),
         "versions": {"wgen": wgen.__version__, "torch": torch.__version__, "timm": timm.__version__},
         "stages": results, "rows": rows, "matched_noise": report["matched_noise"], "headline": report["headline"],
         "bars": bars(report), "report": str(report_path),

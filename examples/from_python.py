@@ -13,16 +13,16 @@ import wgen
 
 def main(out: Path) -> None:
     device = wgen.resolve_device("auto")
-    plan = wgen.plan_zoo(wgen.Recipe("test_resnet", "digits", epochs=20))
+    plan = wgen.plan_zoo(wgen.Recipe("test_resnet", "digits-hard", epochs=4))
     wgen.train_zoo(plan, out / "zoo", 16, device)
     report = wgen.canonicalize(wgen.open_zoo(out / "zoo"), out / "canon", wgen.CanonOptions(), device)
     print(f"canonicalized: mean pairwise L2 {report['mean_pairwise_l2_before']:.2f} -> "
           f"{report['mean_pairwise_l2_after']:.2f}")
-    wgen.train_generator(wgen.open_zoo(out / "canon"), out / "gen", wgen.TrainConfig(), device)
+    wgen.train_generator(wgen.open_zoo(out / "canon"), out / "gen", wgen.TrainConfig(holdout=0.25), device)
     manifest = wgen.sample(wgen.load_generator(out / "gen", device), out / "samples",
                            wgen.SampleOptions(count=100), device)
     print(f"sampled {manifest['count'] - manifest['rejected']} models")
-    report = wgen.evaluate_models(out / "samples", out / "canon", wgen.EvalOptions(data="digits"), device)
+    report = wgen.evaluate_models(out / "samples", out / "canon", wgen.EvalOptions(), device)
     wgen.write_report(report, out / "report.json", out / "report.png")
     for name, s in report["sets"].items():
         print(f"{name:>14}: accuracy {s['accuracy']['mean']:.3f}, ensemble {s['ensemble'][-1]['accuracy']:.3f}")
