@@ -58,6 +58,24 @@ def bars(report: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def markdown(report: dict[str, Any]) -> str:
+    """Return the report's main rows as a markdown table: quality, novelty and the headline of each set."""
+    sets, headline = report["sets"], report["headline"]
+    matched = set(report["matched_noise"].values())
+    lines = ["| set | models | accuracy mean (min) | NN ratio (median) | max agreement (median) | ensemble of 16 | "
+             + " | ".join(f"accurate & novel @{t}" for t in headline["samples"]) + " |",
+             "| --- " * (6 + len(headline["samples"])) + "|"]
+    for name in ["samples", "samples + BN", "held-out", "zoo", *(n for n in headline if sets[n]["baseline"])]:
+        s = sets[name]
+        shares = " | ".join(f"{100 * v:.0f}%" for v in headline[name].values()) if name in headline else \
+            " | ".join("-" for _ in headline["samples"])
+        ensemble = f"{100 * s['ensemble_16']:.2f}%" if s.get("ensemble_16") is not None else "-"
+        label = f"{name} (matched)" if name in matched else name
+        lines.append(f"| {label} | {s['models']} | {100 * s['accuracy']['mean']:.2f}% ({100 * s['accuracy']['min']:.2f}%) "
+                     f"| {s['nn_ratio']['median']:.3f} | {100 * s['max_agreement']['median']:.1f}% | {ensemble} | {shares} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="test_resnet")
@@ -70,6 +88,7 @@ def main() -> None:
                         help="zoo processes at once (default: one per core)")
     parser.add_argument("--gen-name", default="gen", help="folder of this generator (and its samples, report)")
     parser.add_argument("--out", type=Path, default=Path("runs/novelty"))
+    parser.add_argument("--markdown", action="store_true", help="print the report's main rows as a markdown table")
     parser.add_argument("train_args", nargs="*", help="extra wgen train options, after --")
     args = parser.parse_args()
     root, gen, results = args.out, args.out / args.gen_name, {}
@@ -87,6 +106,9 @@ def main() -> None:
         stage("eval", ["eval", str(samples), "--zoo", str(root / "canon"), "--out", str(report_path),
                        "--plot", str(report_path.with_suffix(".png"))], results)
     report = json.loads(report_path.read_text())
+    if args.markdown:
+        print(markdown(report))
+        return
     rows = {name: {"models": s["models"], "accuracy_mean": s["accuracy"]["mean"], "accuracy_min": s["accuracy"]["min"],
                    "nn_ratio_median": s["nn_ratio"]["median"] if s.get("nn_ratio") else None,
                    "max_agreement_median": s["max_agreement"]["median"] if s.get("max_agreement") else None}

@@ -20,7 +20,7 @@ from .zoo import Recipe, plan_zoo, train_zoo
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """The small settings of the demo (about 12 minutes on 2 CPU cores).
+    """The small settings of the demo.
 
     The data is ``digits-hard``, where members make mistakes (about 92% accurate after 4 epochs), so
     that agreement and error overlap with the zoo mean something; a quarter of the members are held
@@ -35,7 +35,7 @@ class DemoSettings:
     train_steps: int = 5000
     train_batch: int = 128  # smaller than `wgen train` defaults, to stay within minutes on a CPU
     net_width: int = 256
-    samples: int = 100
+    samples: int = 32  # and as many models per baseline: the eval is most of the demo's time
 
 
 def run_demo(out: Path, device: torch.device, settings: DemoSettings = DemoSettings(),
