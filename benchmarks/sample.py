@@ -6,12 +6,14 @@ Prints JSON with the device, versions and:
   ``safetensors.torch.save_file`` of 200 state dicts of the same architecture, already in memory.
   Both are timed in alternating rounds, each after an ``os.sync()`` (write-back of the previous
   segment would otherwise land in the next one), and their medians compared;
-- ``memory``: peak resident memory of a sampling process at N=50 and N=500 (flat means streaming).
+- ``memory``: peak resident memory of a sampling process at N=50 and N=500 (``--memory-counts``; flat
+  means streaming).
 
 The generator is trained on the spot from a small random zoo unless ``--generator`` is given
 (timings do not depend on its quality). On a CUDA machine, pass ``--arch resnet18 --device cuda``.
 
     python benchmarks/sample.py [--arch test_resnet] [--device cpu] [--generator PATH]
+    python benchmarks/sample.py --generator runs/r18/gen --count 100 --rounds 3 --memory-counts 50,200
 """
 
 from __future__ import annotations
@@ -125,13 +127,14 @@ def main() -> None:
     parser.add_argument("--generator", type=Path)
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--memory-counts", default="50,500", help="sample counts whose peak memory is compared")
     args = parser.parse_args()
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         generator = args.generator or quick_generator(args.arch, root, device)
         result_speed = speed(generator, args.count, device, root, args.rounds)
-        memory = {str(n): peak_memory_mib(generator, n, str(device), root) for n in (50, 500)}
+        memory = {str(n): peak_memory_mib(generator, n, str(device), root) for n in map(int, args.memory_counts.split(","))}
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
         result = {
             "benchmark": "sample", "device": str(device), "gpu": gpu, "threads": torch.get_num_threads(),
@@ -139,7 +142,8 @@ def main() -> None:
             "versions": {"wgen": wgen.__version__, "torch": torch.__version__, "timm": timm.__version__},
             "architecture": load_generator(generator).spec.architecture,
             "speed": result_speed,
-            "memory": {"peak_rss_mib": memory, "ratio_500_to_50": memory["500"] / memory["50"]},
+            "memory": {"peak_rss_mib": memory, "ratio_largest_to_smallest": memory[max(memory, key=int)]
+                       / memory[min(memory, key=int)]},
         }
     print(json.dumps(result, indent=2))
 
