@@ -65,7 +65,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = ["| set | models | accuracy mean (min) | NN ratio (median) | max agreement (median) | ensemble of 16 | "
              + " | ".join(f"accurate & novel @{t}" for t in headline["samples"]) + " |",
              "| --- " * (6 + len(headline["samples"])) + "|"]
-    for name in ["samples", "samples + BN", "held-out", "zoo", *(n for n in headline if sets[n]["baseline"])]:
+    names = ["samples", "samples + BN", "held-out", "zoo", *(n for n in headline if sets[n]["baseline"])]
+    for name in (n for n in names if n in sets):  # no "+ BN" rows for a model without BatchNorm
         s = sets[name]
         shares = " | ".join(f"{100 * v:.0f}%" for v in headline[name].values()) if name in headline else \
             " | ".join("-" for _ in headline["samples"])
