@@ -133,8 +133,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         generator = args.generator or quick_generator(args.arch, root, device)
-        result_speed = speed(generator, args.count, device, root, args.rounds)
+        # memory first: a child's peak RSS starts at its parent's size when forked (Linux keeps it across exec),
+        # and speed() holds the floor's state dicts in memory
         memory = {str(n): peak_memory_mib(generator, n, str(device), root) for n in map(int, args.memory_counts.split(","))}
+        result_speed = speed(generator, args.count, device, root, args.rounds)
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
         result = {
             "benchmark": "sample", "device": str(device), "gpu": gpu, "threads": torch.get_num_threads(),
