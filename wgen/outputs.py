@@ -122,7 +122,6 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; a member is an ordinary folder
     try:
         with _disk_full_is_a_user_error(final):
             yield tmp
@@ -139,11 +138,12 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _make_ordinary(folder: Path) -> None:
-    # some writers (safetensors >= 0.8) create private 0600 files: give everything the umask's modes
+def _make_ordinary(path: Path) -> None:
+    # mkstemp, mkdtemp and some writers (safetensors >= 0.8) make private 0600/0700 entries: give the file, or
+    # the folder and all below it, the modes a plain open or mkdir would under the umask
     mask = current_umask()
-    for path in folder.rglob("*"):
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+    for entry in [path, *(path.rglob("*") if path.is_dir() else ())]:
+        os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~mask)
 
 
 @contextlib.contextmanager
@@ -155,7 +155,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
     try:
         with _disk_full_is_a_user_error(path):
             yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp (and some writers) make it private: an ordinary file
+        _make_ordinary(Path(tmp))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

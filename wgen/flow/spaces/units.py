@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from ...errors import WgenError
+from ...permute.groups import derive_groups
 from .base import MIN_SCALE, FitContext, Layout, Normalization, Slot, StateDict, load_layout, saved_layout
 from .full import FullSpace
 
@@ -43,9 +45,6 @@ class UnitSpace(FullSpace):
 
     @classmethod
     def fit(cls, states: list[StateDict], options: UnitOptions, context: FitContext) -> UnitSpace:
-        from ...errors import WgenError
-        from ...permute.groups import derive_groups
-
         if context.spec is None or context.input_size is None:
             raise WgenError("the units space needs the zoo's architecture", "train it through wgen train")
         layout = Layout.from_state(states[0])
