@@ -65,7 +65,8 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=8)
     parser.add_argument("--base-epochs", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=1, help="epochs of each fine-tune")
-    parser.add_argument("--steps", type=int, default=2000, help="generator training steps")
+    parser.add_argument("--steps", type=int, default=2000, help="generator training steps (flows)")
+    parser.add_argument("--space", default="pca", help="generator space: pca (the figures in docs/benchmarks.md) or subspace")
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--samples-small", type=int, default=50)
     parser.add_argument("--eval-samples", type=int, default=20)
@@ -77,7 +78,8 @@ def main() -> None:
     stage("zoo", ["zoo", *common, "-n", str(args.members), "--epochs", str(args.epochs), "--lr", "3e-4",
                   "--init", str(root / "base" / "member-000"), "--seed-start", "1", "-o", str(root / "zoo")], results)
     stage("canonicalize", ["canonicalize", str(root / "zoo"), "-o", str(root / "canon"), "--json"], results)
-    stage("train", ["train", str(root / "canon"), "-o", str(root / "gen"), "--steps", str(args.steps), "--json"], results)
+    stage("train", ["train", str(root / "canon"), "-o", str(root / "gen"), "--space", args.space, "--steps", str(args.steps),
+                    "--json"], results)
     for count in (args.samples, args.samples_small):
         stage(f"sample_{count}", ["sample", str(root / "gen"), "-n", str(count), "-o", str(root / f"samples-{count}"),
                                   "--json"], results)

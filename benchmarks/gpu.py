@@ -74,7 +74,8 @@ def train_ddp(canon: Path, out: Path, steps: int, device: str) -> float:
     gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(gpus), "-m", "wgen"]
                 if gpus > 1 else [sys.executable, "-m", "wgen"])
-    command = [*launcher, "train", str(canon), "-o", str(out), "--steps", str(steps), "--device", device,
+    # the flow (pca), which DDP spreads over GPUs; the subspace trains on one device
+    command = [*launcher, "train", str(canon), "-o", str(out), "--space", "pca", "--steps", str(steps), "--device", device,
                "--checkpoint-every", str(steps)]
     start = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True, text=True)

@@ -2,6 +2,7 @@
 
     python benchmarks/novelty.py --arch test_resnet --out runs/novelty-resnet
     python benchmarks/novelty.py --arch test_vit --out runs/novelty-vit
+    python benchmarks/novelty.py --arch test_resnet --out runs/novelty-resnet --gen-name pca -- --space pca
     python benchmarks/novelty.py --arch test_resnet --out runs/units -- --space units --net graph
 
 A zoo of ``--members`` on ``digits-hard`` (where models make mistakes: 3,590 test images), trained as

@@ -96,12 +96,12 @@ def tiny_generator(random_zoo: Path, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def chain(tmp_path_factory) -> dict[str, Path]:
     """A small real chain on digits, through the CLI: zoo (6 members, 10 epochs) -> canonical zoo (barrier
-    measured) -> generator (5 training, 1 held out) -> 8 samples. Read-only."""
+    measured) -> pca flow generator (5 training, 1 held out) -> 8 samples. Read-only."""
     root = tmp_path_factory.mktemp("chain")
     steps = [
         ("zoo", "-a", "test_resnet", "-d", "digits", "-n", "6", "--epochs", "10", "-o", root / "zoo"),
         ("canonicalize", root / "zoo", "-o", root / "canon", "-d", "digits", "--barrier-pairs", "2"),
-        ("train", root / "canon", "-o", root / "gen", "--steps", "3000", "--width", "64", "--depth", "2",
+        ("train", root / "canon", "-o", root / "gen", "--space", "pca", "--steps", "3000", "--width", "64", "--depth", "2",
          "--batch-size", "64", "--holdout", "0.2"),
         ("sample", root / "gen", "-n", "8", "-o", root / "samples"),
     ]

@@ -27,17 +27,17 @@ def test_the_gpu_benchmark_runs_small_on_cpu() -> None:
 @pytest.mark.slow
 def test_the_novelty_benchmark_runs_small_and_judges_every_bar(tmp_path: Path) -> None:
     args = ["--members", "4", "--held-out", "1", "--epochs", "1", "--samples", "4", "--out", str(tmp_path),
-            "--", "--steps", "20", "--width", "32"]
+            "--", "--space-args", '{"epochs": 0.05}']
     done = subprocess.run([sys.executable, str(BENCHMARKS / "novelty.py"), *args], capture_output=True, text=True,
                           timeout=900, cwd=BENCHMARKS)
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(done.stdout)
-    assert figures["data"] == "digits-hard" and figures["train_args"] == ["--steps", "20", "--width", "32"]
+    assert figures["data"] == "digits-hard" and figures["train_args"] == ["--space-args", '{"epochs": 0.05}']
     assert figures["rows"]["held-out"]["models"] == 1 and figures["rows"]["zoo"]["models"] == 3
     assert set(figures["stages"]) == {"zoo", "canonicalize", "train", "sample", "eval"}
     assert len(figures["bars"]) == 8 and all(isinstance(bar[-1], bool) for bar in figures["bars"].values())
     assert figures["headline"]["held-out"] == {"0.3": 1.0, "0.5": 1.0, "0.8": 1.0}  # one member sets both bars
-    table = subprocess.run([sys.executable, str(BENCHMARKS / "novelty.py"), *args[:-5], "--markdown", *args[-5:]],
+    table = subprocess.run([sys.executable, str(BENCHMARKS / "novelty.py"), *args[:-3], "--markdown", *args[-3:]],
                            capture_output=True, text=True, timeout=600, cwd=BENCHMARKS)
     assert table.returncode == 0, table.stderr[-3000:]
     assert table.stdout.startswith("| set | models |") and "| held-out | 1 |" in table.stdout

@@ -165,7 +165,7 @@ def test_demo_runs_the_chain_and_resumes(tmp_path: Path) -> None:
         def note(self, text):
             self.lines.append(text)
 
-    settings = DemoSettings(members=3, epochs=1, train_steps=40, samples=4)
+    settings = DemoSettings(members=3, epochs=1, train_epochs=0.2, samples=4)
     notes = Notes()
     report = run_demo(tmp_path, torch.device("cpu"), settings, progress=notes)
     assert [n.split()[1] for n in notes.lines if n.startswith("==>")] == ["zoo", "canonicalize", "train", "sample", "eval"]

@@ -21,7 +21,7 @@ from wgen.flow.generator import load_generator
 from wgen.flow.nets import NETS, create_net
 from wgen.flow.sample import SampleOptions, sample
 from wgen.flow.solve import integrate
-from wgen.flow.spaces import FULL_SPACE_MAX_DIM, SPACES, fit_space
+from wgen.flow.spaces import FULL_SPACE_MAX_DIM, SPACES, fit_space, resolve_kind
 from wgen.flow.spaces.base import Layout, Slot
 from wgen.flow.train import TrainConfig, train_generator
 from wgen.flow.writer import PackedLayout
@@ -107,7 +107,8 @@ def test_spaces_without_a_common_member_norm_do_not_project(kind: str, args: dic
 def test_auto_space_rule() -> None:
     states = [make_state(seed=i) for i in range(3)]
     assert Layout.from_state(states[0]).dim > FULL_SPACE_MAX_DIM
-    assert fit_space("auto", {}, states, CPU).kind == "pca"
+    assert fit_space("auto", {}, states, CPU).kind == "pca"  # no data: a flow
+    assert resolve_kind("auto", 10, has_data=True) == "subspace" and resolve_kind("auto", 10) == "full"
 
 
 def test_velocity_net_starts_at_zero() -> None:

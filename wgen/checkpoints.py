@@ -72,15 +72,20 @@ def create_model(architecture: str, num_classes: int | None, model_args: dict[st
 
 def parse_model_args(text: str | None) -> dict[str, Any]:
     """Return the dict of a ``--model-args`` JSON object (``{}`` for None or empty)."""
+    return parse_json_object(text, "--model-args", '{"img_size": 32, "patch_size": 4}')
+
+
+def parse_json_object(text: str | None, option: str, example: str) -> dict[str, Any]:
+    """Return the dict of option ``option``'s JSON object (``{}`` for None or empty); ``example`` is its hint."""
     if not text:
         return {}
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise WgenError(f"--model-args is not valid JSON: {exc.msg} at char {exc.pos}",
-                        'give a JSON object, e.g. \'{"in_chans": 1}\'') from exc
+        raise WgenError(f"{option} is not valid JSON: {exc.msg} at char {exc.pos}",
+                        f"give a JSON object, e.g. '{example}'") from exc
     if not isinstance(value, dict):
-        raise WgenError("--model-args must be a JSON object", 'e.g. \'{"img_size": 32, "patch_size": 4}\'')
+        raise WgenError(f"{option} must be a JSON object", f"e.g. '{example}'")
     return value
 
 

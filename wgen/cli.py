@@ -184,7 +184,8 @@ def _bare_flags(group: Any, ctx: Any) -> None:
 
 
 def _space_help() -> str:
-    return f"weight space: {' | '.join(space_choices())} (auto: full up to {FULL_SPACE_MAX_DIM:,} values, else pca)"
+    return (f"weight space: {' | '.join(space_choices())} (auto: subspace when the zoo's data is known, else full "
+            f"up to {FULL_SPACE_MAX_DIM:,} values, else pca)")
 
 
 def _net_help() -> str:
@@ -294,6 +295,8 @@ def train(
     out: OutOption,
     space: Annotated[str, typer.Option(help=_space_help())] = "auto",
     components: Annotated[Optional[int], typer.Option(help=ranged("--components", "pca space: components (default: training members - 1)"))] = None,
+    space_args: Annotated[Optional[str], typer.Option(metavar="JSON", help="the space's settings, e.g. subspace: '{\"epochs\": 20, \"lr\": 3e-4}'")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", "-d", metavar="SPEC", help="data of spaces that train on it (subspace; default: the zoo's recorded dataset)")] = None,
     net: Annotated[str, typer.Option(help=_net_help())] = "mlp",
     width: Annotated[Optional[int], typer.Option(help=ranged("--width", "velocity net width (mlp default 512)"))] = None,
     depth: Annotated[Optional[int], typer.Option(help=ranged("--depth", "velocity net blocks (mlp default 3)"))] = None,
@@ -312,15 +315,17 @@ def train(
     opts: Shared = Shared(),
 ) -> None:
     """Fit a flow-matching generator in weight space (GPU if present; torchrun for several)."""
+    from .checkpoints import parse_json_object
     from .flow.distributed import is_main_process
     from .flow.train import TrainConfig, generator_summary, train_generator
 
     with user_errors():
         torch_device = _start(opts)
-        space_args = {"components": components} if components is not None else {}
+        settings = parse_json_object(space_args, "--space-args", '{"epochs": 20}')
+        settings.update({"components": components} if components is not None else {})
         net_args = {k: v for k, v in (("width", width), ("depth", depth)) if v is not None}
-        config = TrainConfig(space, space_args, net, net_args, steps, batch_size, lr, weight_decay, warmup_steps,
-                             grad_clip, ema_decay, time_sampling, ot, holdout, seed, checkpoint_every)
+        config = TrainConfig(space, settings, net, net_args, steps, batch_size, lr, weight_decay, warmup_steps,
+                             grad_clip, ema_decay, time_sampling, ot, holdout, seed, checkpoint_every, data)
         zoo_obj = _open_input(zoo_path, opts)
         with RichProgress(quiet=opts.as_json or not is_main_process()) as progress:
             result = train_generator(zoo_obj, out, config, torch_device, opts.force, progress)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from .checkpoints import open_zoo
 from .evaluate import EvalOptions, evaluate_models, write_report
 from .flow.generator import load_generator
 from .flow.sample import SampleOptions, sample
+from .flow.spaces.subspace import SubspaceOptions
 from .flow.train import TrainConfig, train_generator
 from .permute.canonicalize import CanonOptions, canonicalize
 from .progress import SILENT, Progress
@@ -32,9 +34,7 @@ class DemoSettings:
     members: int = 16
     epochs: int = 4
     holdout: float = 0.25
-    train_steps: int = 5000
-    train_batch: int = 128  # smaller than `wgen train` defaults, to stay within minutes on a CPU
-    net_width: int = 256
+    train_epochs: float = SubspaceOptions.epochs  # of the subspace generator over the train split
     samples: int = 32  # and as many models per baseline: the eval is most of the demo's time
 
 
@@ -52,10 +52,10 @@ def run_demo(out: Path, device: torch.device, settings: DemoSettings = DemoSetti
               progress=progress)
     progress.note(f"==> canonicalize  (wgen canonicalize {zoo_dir} -o {canon_dir})")
     canonicalize(open_zoo(zoo_dir), canon_dir, CanonOptions(), device, progress=progress)
-    progress.note(f"==> train  (wgen train {canon_dir} -o {gen_dir} --steps {settings.train_steps} "
-                  f"--batch-size {settings.train_batch} --width {settings.net_width} --holdout {settings.holdout})")
-    config = TrainConfig(steps=settings.train_steps, batch_size=settings.train_batch,
-                         net_args={"width": settings.net_width}, holdout=settings.holdout)
+    space_args = {"epochs": settings.train_epochs}
+    progress.note(f"==> train  (wgen train {canon_dir} -o {gen_dir} --space subspace --space-args "
+                  f"'{json.dumps(space_args)}' --holdout {settings.holdout})")
+    config = TrainConfig(space="subspace", space_args=space_args, holdout=settings.holdout)
     train_generator(open_zoo(canon_dir), gen_dir, config, device, progress=progress)
     progress.note(f"==> sample  (wgen sample {gen_dir} -n {settings.samples} -o {samples_dir})")
     sample(load_generator(gen_dir, device), samples_dir, SampleOptions(count=settings.samples), device,

@@ -37,7 +37,7 @@ from .errors import WgenError
 from .limits import check, check_all
 from .flow.generator import GeneratorConfig, read_generator_config
 from .flow.sample import MANIFEST_JSON, reason_text, rejection_counts
-from .metrics import ensemble_curve, mean_disagreement, per_model_metrics, recalibrated, stacked_logits
+from .metrics import ensemble_curve, has_batchnorm, mean_disagreement, per_model_metrics, recalibrated, stacked_logits
 from .novelty import Reference, accurate_and_novel, novelty, reference, summary
 from .outputs import atomic_write_json, refuse_overlap
 from .progress import SILENT, Progress
@@ -139,7 +139,7 @@ def evaluate_models(target: Path, zoo_path: Path | None, options: EvalOptions, d
     options.check()
     inputs = _open_inputs(target, zoo_path, options)
     judge = _Judge(inputs, options, device)
-    recalibrate = options.recalibrate and _has_batchnorm(judge.model)
+    recalibrate = options.recalibrate and has_batchnorm(judge.model)
     progress.stage(inputs.label, 1)
     states = [inputs.models.load(m) for m in inputs.models.members]
     if inputs.zoo is None:
@@ -172,10 +172,6 @@ def _reference(judge: _Judge, train: list[StateDict], holdout: list[StateDict]) 
 
     spec = derive_groups(judge.inputs.models.spec.create("cpu"), judge.inputs.data.input_size)
     return reference(train, holdout, judge.logits(train), judge.labels, judge.keys, spec, judge.options.rematch)
-
-
-def _has_batchnorm(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _open_inputs(target: Path, zoo_path: Path | None, options: EvalOptions) -> _Inputs:

@@ -11,6 +11,7 @@ from typing import Any
 from .checkpoints import TORCH_WEIGHTS_NAME, WEIGHTS_NAME, ZOO_JSON, open_zoo, read_json, zoo_fingerprint
 from .flow.generator import SPACE_NAME, load_generator
 from .flow.sample import MANIFEST_JSON
+from .flow.train import steps_text
 from .permute.canonicalize import CANONICAL_JSON
 from .tables import Summary, TextTable, pct
 
@@ -72,7 +73,7 @@ def _describe_generator(root: Path) -> dict[str, Any]:
                          f"({', '.join(f'{k} {v}' for k, v in c.net.items() if k != 'kind')})"),
         ("members", f"{len(c.train_members)} training, {len(c.holdout_members)} held out"),
         ("source", c.source + (" (canonical)" if c.canonical else "")),
-        ("training", f"{training['steps']} steps, {training['seconds']}s on {training['device']}, loss "
+        ("training", f"{steps_text(c)}, {training['seconds']}s on {training['device']}, loss "
                      f"{training['final_loss']:.4f}" + (f", held-out {val:.4f}" if val is not None else "")),
         *_optional_rows(description),
         ("fingerprint", generator.fingerprint[:16]),
@@ -90,7 +91,8 @@ def _zoo_rows(d: dict[str, Any]) -> Rows:
             rows.append((key.replace("_", " "), f"mean {pct(s['mean'])}  min {pct(s['min'])}  max {pct(s['max'])}"))
     if "samples" in d:
         m = d["samples"]
-        rows.append(("sampling", f"{m['count']} asked, {m['rejected']} rejected; {m['solver']} x{m['steps']}, seed "
+        how = "drawn" if m.get("drawn") else f"{m['solver']} x{m['steps']}"
+        rows.append(("sampling", f"{m['count']} asked, {m['rejected']} rejected; {how}, seed "
                                  f"{m['seed']}" + (", projected" if m.get("projected") else "")
                                  + (f", calibrated on {m['calibrate']}" if m["calibrate"] else "")))
     if d["skipped"]:

@@ -33,6 +33,11 @@ def accuracy(model: torch.nn.Module, data: SplitData, split: str, device: torch.
     return loss_and_accuracy(model, data, split, device, batch_size)[1]
 
 
+def has_batchnorm(model: torch.nn.Module) -> bool:
+    """Return whether ``model`` holds a BatchNorm layer (whose statistics a weight mix leaves stale)."""
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 @torch.no_grad()
 def reestimate_batchnorm(model: torch.nn.Module, data: SplitData, device: torch.device,
                          batch_size: int = 256, max_examples: int = 2048) -> bool:

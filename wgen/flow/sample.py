@@ -12,7 +12,7 @@ import json
 import shutil
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from ..checkpoints import CONFIG_NAME, WEIGHTS_NAME, config_bytes, member_config
 from ..data import data_for_zoo, file_inputs
 from ..errors import WgenError
 from ..limits import check_all
-from ..metrics import forward_stacked, recalibrated
+from ..metrics import forward_stacked, has_batchnorm, recalibrated
 from ..outputs import atomic_write_json, prepare_output, write_folder
 from ..progress import SILENT, Progress
 from ..tables import Summary
@@ -76,6 +76,7 @@ def sample(generator: Generator, out: Path, options: SampleOptions, device: torc
     Re-running the same command resumes an unfinished run, and returns a finished one's manifest.
     """
     options.check()
+    options = _with_calibration(generator, options)
     calibration = _calibration_data(generator, options.calibrate) if options.calibrate else None
     run = options.run(generator)
     inputs = [generator.path, *file_inputs(options.calibrate)]
@@ -113,7 +114,7 @@ def _manifest(generator: Generator, options: SampleOptions, projects: bool, devi
         "format": "wgen.samples/1", "wgen_version": __version__, "generator": str(generator.path.resolve()),
         "generator_fingerprint": generator.fingerprint, **generator.spec.to_json(), "count": options.count,
         "seed": options.seed, "sample_seed_rule": f"seed * {SAMPLE_SEED_STRIDE} + index", "solver": options.solver,
-        "steps": options.steps, "projected": projects,
+        "steps": options.steps, "drawn": generator.space.drawn, "projected": projects,
         "min_radius": options.min_radius if projects else None, "batch_size": options.batch_size,
         "calibrate": options.calibrate, "device": str(device), "rejected": sum(e["rejected"] is not None for e in entries),
         "seconds": round(seconds, 3), "samples": entries,
@@ -124,7 +125,8 @@ def sample_summary(manifest: dict[str, Any], out: Path) -> Summary:
     """Return what ``wgen sample`` shows: how many were written and rejected (by reason), and what to watch."""
     reasons = rejection_counts(manifest["samples"])
     kept = manifest["count"] - manifest["rejected"]
-    line = (f"{kept} samples written to {out} ({manifest['solver']}, {manifest['steps']} steps) in "
+    how = "drawn, no flow" if manifest.get("drawn") else f"{manifest['solver']}, {manifest['steps']} steps"
+    line = (f"{kept} samples written to {out} ({how}) in "
             f"{manifest['seconds']:.1f}s; {manifest['rejected']} rejected" + (f" ({reason_text(reasons)})" if reasons else ""))
     warnings = []
     if manifest["rejected"]:
@@ -275,6 +277,17 @@ def _written_entries(out: Path) -> dict[int, dict[str, Any]]:
             if entry["rejected"] is not None or (out / entry["name"] / WEIGHTS_NAME).is_file():
                 entries[int(entry["index"])] = entry
     return entries
+
+
+def _with_calibration(generator: Generator, options: SampleOptions) -> SampleOptions:
+    """Return ``options``, calibrating on the generator's own data when its space decodes stale BatchNorm
+    statistics (``space.calibrates``) and no --calibrate was given."""
+    if options.calibrate is not None or not generator.space.calibrates or not has_batchnorm(generator.spec.create("cpu")):
+        return options
+    if generator.config.data is None:
+        raise WgenError(f"the {generator.space.kind} generator's samples need BatchNorm statistics, and it records no data",
+                        "pass --calibrate SPEC (the dataset the zoo was trained on)")
+    return replace(options, calibrate=generator.config.data)
 
 
 def _calibration_data(generator: Generator, spec: str) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 from torch.func import functional_call
 
 from ..checkpoints import Zoo, zoo_fingerprint
+from ..data import data_for_zoo
 from ..errors import WgenError
 from ..limits import check_all
 from ..optim import warmup_cosine
@@ -30,9 +32,10 @@ from .checkpoint import CHECKPOINT_DIR, TrainState, load_checkpoint, read_checkp
 from .distributed import Ranks, finish_distributed, init_distributed, on_main_then_all
 from .generator import GeneratorConfig, read_generator_config, write_generator
 from .nets import DEFAULT_NET, NETS, create_net
+from .nets.base import VelocityNet
 from .path import TIME_SAMPLING, ot_pairing, point_and_velocity, sample_times
-from .spaces import AUTO, SPACES, fit_space
-from .spaces.base import WeightSpace
+from .spaces import AUTO, SPACES, fit_space, resolve_kind
+from .spaces.base import FitContext, FitStopped, WeightSpace
 
 REPORT_EVERY = 50  # steps between loss reports (and held-out losses)
 VALIDATION_POINTS = 256
@@ -58,6 +61,7 @@ class TrainConfig:
     holdout: float = 0.1
     seed: int = 0
     checkpoint_every: int = 500
+    data: str | None = None  # spaces that train on data (subspace): the dataset, if not the zoo's recorded one
 
     def to_json(self) -> dict[str, Any]:
         """Return the config as JSON."""
@@ -104,19 +108,27 @@ def train_generator(zoo: Zoo, out: Path, config: TrainConfig, device: torch.devi
     if resume and finished:
         finish_distributed(ranks)
         return read_generator_config(out) if ranks.main else None
-    space = fit_space(config.space, config.space_args, [states[n] for n in train_names], device, zoo.spec,
-                      zoo.preprocessing()[0])
-    data = space.encode([states[n] for n in train_names]).float()
+    kind = resolve_kind(config.space, _values(states[names[0]]), config.data is not None or "data" in zoo.info)
+    meta = {"source_fingerprint": fingerprint, "config": config.to_json()}
+    context = FitContext(device, zoo.spec, zoo.preprocessing()[0], _space_data(zoo, kind, config, ranks), config.seed,
+                         progress, out / CHECKPOINT_DIR, meta, stop_after)
+    try:
+        space = fit_space(kind, config.space_args, [states[n] for n in train_names], context)
+    except FitStopped:
+        return None
+    if space.drawn:
+        finish_distributed(ranks)  # a space that trains on data runs as one process (checked above)
+        return _write_drawn_generator(out, zoo, space, context, fingerprint, train_names, holdout_names)
+    coords = space.encode([states[n] for n in train_names]).float()
     held = space.encode([states[n] for n in holdout_names]).float() if holdout_names else None
     del states
     state = _initial_state(space, config, device, ranks)
     if resume:
         load_checkpoint(out / CHECKPOINT_DIR, state, ranks)
-    meta = {"source_fingerprint": fingerprint, "config": config.to_json()}
     run = {"net_parameters": state.net.parameter_count(), "device": str(device), "world_size": ranks.world}
     progress.note(f"{space.describe()}; velocity net {run['net_parameters']:,} parameters; {len(train_names)} training "
                   f"/ {len(holdout_names)} held-out members; {device}" + (f" x{ranks.world}" if ranks.world > 1 else ""))
-    seconds = _fit(state, data, held, config, device, ranks, out / CHECKPOINT_DIR, meta, progress, stop_after)
+    seconds = _fit(state, coords, held, config, device, ranks, out / CHECKPOINT_DIR, meta, progress, stop_after)
     if seconds is None:
         finish_distributed(ranks)
         return None
@@ -126,9 +138,43 @@ def train_generator(zoo: Zoo, out: Path, config: TrainConfig, device: torch.devi
         training = {**config.to_json(), "device": run["device"], "world_size": ranks.world, "seconds": round(seconds, 2),
                     "final_loss": last.get("loss"), "final_val_loss": last.get("val_loss")}
         space_config, space_tensors = space.saved()
-        result = _generator_config(zoo, space_config, state, fingerprint, train_names, holdout_names, training)
+        result = _generator_config(zoo, space_config, state.net, state.history, fingerprint, train_names,
+                                   holdout_names, training)
         write_generator(out, result, space_tensors, state.ema)
     finish_distributed(ranks)
+    return result
+
+
+def _values(state: dict[str, torch.Tensor]) -> int:
+    return sum(v.numel() for v in state.values() if v.is_floating_point())
+
+
+def _space_data(zoo: Zoo, kind: str, config: TrainConfig, ranks: Ranks) -> Any:
+    """Return the zoo's data for a space that trains on it (None for the others); refuse what it cannot do."""
+    cls = SPACES.get(kind)
+    if cls.drawn and config.net not in (DEFAULT_NET, "none"):
+        raise WgenError(f"the {kind} space draws its samples: it has no use for --net {config.net}", "leave --net out")
+    if not cls.needs_data:
+        return None
+    if ranks.world > 1:
+        raise WgenError(f"the {kind} space trains on one device", "run wgen train without torchrun")
+    return data_for_zoo(zoo.info, config.data, zoo.preprocessing()[0])
+
+
+def _write_drawn_generator(out: Path, zoo: Zoo, space: WeightSpace, context: FitContext, fingerprint: str,
+                           train_names: list[str], holdout_names: list[str]) -> GeneratorConfig:
+    """Write and return the generator of a space that draws its samples (no velocity net is trained)."""
+    space_config, space_tensors = space.saved()
+    fit = space_config["training"]
+    config = context.meta["config"]
+    training = {**config, "device": str(context.device), "world_size": 1, "seconds": fit["seconds"],
+                "final_loss": fit["final_loss"], "final_val_loss": None}
+    result = _generator_config(zoo, space_config, create_net("none", {}, space), [], fingerprint, train_names,
+                               holdout_names, training)
+    if context.data is not None:  # the data the space trained on, which sampling calibrates on
+        result.data, result.split = str(context.data.spec), context.data.record()
+    write_generator(out, result, space_tensors, {})
+    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)  # the corners are in the generator now
     return result
 
 
@@ -229,13 +275,14 @@ def _validation_loss(state: TrainState, validation: tuple[torch.Tensor, ...] | N
     return float((functional_call(state.net, state.ema, (xt, t)) - target).pow(2).mean())
 
 
-def _generator_config(zoo: Zoo, space_config: dict[str, Any], state: TrainState, fingerprint: str, train_names: list[str],
-                      holdout_names: list[str], training: dict[str, Any]) -> GeneratorConfig:
+def _generator_config(zoo: Zoo, space_config: dict[str, Any], net: VelocityNet, history: list[dict[str, Any]],
+                      fingerprint: str, train_names: list[str], holdout_names: list[str],
+                      training: dict[str, Any]) -> GeneratorConfig:
     input_size, mean, std = zoo.preprocessing()
     return GeneratorConfig(
         zoo.spec, list(input_size), list(mean), list(std), zoo.info.get("data"), zoo.info.get("split"), str(zoo.root),
         fingerprint, bool(zoo.info.get("canonical")), train_names, holdout_names, space_config,
-        state.net.config(), state.net.parameter_count(), training, state.history)
+        net.config(), net.parameter_count(), training, history)
 
 
 def generator_summary(config: GeneratorConfig, out: Path) -> Summary:
@@ -246,5 +293,13 @@ def generator_summary(config: GeneratorConfig, out: Path) -> Summary:
         f"generator {out}: {config.spec.architecture}, {space['kind']} space ({space['values']:,} weights), "
         f"{config.net['kind']} velocity net of {config.net_parameters:,} parameters; {len(config.train_members)} "
         f"training, {len(config.holdout_members)} held-out members",
-        f"{t['steps']} steps in {t['seconds']:.1f}s on {t['device']}: loss {t['final_loss']:.4f}"
+        f"{steps_text(config)} in {t['seconds']:.1f}s on {t['device']}: loss {t['final_loss']:.4f}"
         + (f", held-out loss {val:.4f}" if val is not None else "")])
+
+
+def steps_text(config: GeneratorConfig) -> str:
+    """Return what was trained: the flow's steps, or a drawn space's own training."""
+    fit = config.space.get("training")
+    if config.net["kind"] == "none" and fit:
+        return f"{fit['steps']} {config.space['kind']} steps ({fit['epochs']:g} epochs on the train split)"
+    return f"{config.training['steps']} steps"

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 NETS = Registry("velocity net", "--net", {
     "mlp": "wgen.flow.nets.mlp:VelocityMLP",
     "graph": "wgen.flow.nets.graph:VelocityGraph",
+    "none": "wgen.flow.nets.none:NoFlow",
 })
 DEFAULT_NET = "mlp"
 

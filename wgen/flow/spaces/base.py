@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
+from ...progress import SILENT
 from ...registry import NoOptions
 
 StateDict = dict[str, torch.Tensor]
@@ -130,6 +132,16 @@ class FitContext:
     device: torch.device
     spec: Any = None  # the zoo's ModelSpec (structure-aware spaces trace it)
     input_size: tuple[int, int, int] | None = None
+    data: Any = None  # the zoo's SplitData, for spaces that train on it (``needs_data``)
+    seed: int = 0
+    progress: Any = SILENT
+    checkpoints: Path | None = None  # where a space that trains keeps its resumable state ...
+    meta: dict[str, Any] = field(default_factory=dict)  # ... with what the run was started with
+    stop_after: int | None = None  # end the fit after this many steps as if killed (raise FitStopped)
+
+
+class FitStopped(Exception):
+    """Raised by a space's ``fit`` cut short by ``FitContext.stop_after`` (its checkpoint is written)."""
 
 
 @dataclass
@@ -159,6 +171,9 @@ class WeightSpace:
 
     kind: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
+    drawn: ClassVar[bool] = False  # coordinates are the noise itself: no velocity net to train (net ``none``)
+    calibrates: ClassVar[bool] = False  # decoded BatchNorm statistics must be re-estimated on the train split
+    needs_data: ClassVar[bool] = False  # ``fit`` trains on the zoo's data (``FitContext.data``)
 
     def __init__(self, layout: Layout) -> None:
         self.layout = layout

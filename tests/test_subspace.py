@@ -1,0 +1,111 @@
+"""The subspace generator: Dirichlet proportions from noise, a trained simplex, calibrated samples that are new."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from wgen.flow.spaces.subspace import proportions
+
+
+def test_noise_becomes_dirichlet_one_proportions() -> None:
+    k = 5
+    mix = proportions(torch.randn(200_000, k, generator=torch.Generator().manual_seed(0)))
+    assert (mix > 0).all() and torch.allclose(mix.sum(dim=1), torch.ones(len(mix)), atol=1e-6)
+    # Dirichlet(1, ..., 1): mean 1/k, variance (k - 1) / (k^2 (k + 1)), P(first > 1/2) = (1/2)^(k - 1)
+    assert mix.mean(dim=0) == pytest.approx([1 / k] * k, abs=2e-3)
+    assert mix.var(dim=0) == pytest.approx([(k - 1) / (k * k * (k + 1))] * k, rel=0.03)
+    assert float((mix[:, 0] > 0.5).float().mean()) == pytest.approx(0.5 ** (k - 1), abs=3e-3)
+
+
+@pytest.fixture(scope="module")
+def subspace(chain: dict[str, Path], tmp_path_factory) -> dict[str, Path]:
+    """A subspace generator on the digits chain's canonical zoo (5 corners, 1 held out) and 6 samples of it."""
+    from tests.conftest import invoke
+
+    root = tmp_path_factory.mktemp("subspace")
+    for args in (("train", chain["canon"], "-o", root / "gen", "--space", "subspace", "--space-args",
+                  '{"epochs": 20, "lr": 0.001, "warmup_steps": 20}', "--holdout", "0.2"),
+                 ("sample", root / "gen", "-n", "6", "-o", root / "samples")):
+        result = invoke(*args)
+        assert result.exit_code == 0, result.output
+    return {"canon": chain["canon"], "gen": root / "gen", "samples": root / "samples"}
+
+
+def test_subspace_samples_are_calibrated_loadable_accurate_and_away_from_members(subspace: dict[str, Path],
+                                                                                 run_cli) -> None:
+    config = json.loads((subspace["gen"] / "config.json").read_text())
+    assert config["net"] == {"kind": "none"} and config["net_parameters"] == 0
+    assert config["space"]["corners"] == 5 and config["data"] == "digits"
+    manifest = json.loads((subspace["samples"] / "manifest.json").read_text())
+    assert manifest["calibrate"] == "digits" and manifest["rejected"] == 0  # BatchNorm re-estimated on train
+    model = timm.create_model(f"local-dir:{subspace['samples'] / 'sample-000'}", pretrained=True)
+    assert type(model).__name__ == "ResNet"
+    result = run_cli("eval", subspace["samples"], "--zoo", subspace["canon"], "--no-baselines", "--json")
+    assert result.exit_code == 0, result.output
+    sets = json.loads(result.stdout)["sets"]
+    samples, zoo = sets["samples"], sets["zoo"]
+    assert samples["accuracy"]["mean"] >= zoo["accuracy"]["mean"] - 0.02
+    assert samples["nn_ratio"]["min"] > 0.3  # a mix of every corner, not a corner
+
+
+def test_subspace_samples_mix_the_trained_corners(subspace: dict[str, Path]) -> None:
+    from wgen.flow.generator import load_generator
+
+    generator = load_generator(subspace["gen"])
+    noise = torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
+    rows = generator.space.vectors(noise)
+    assert torch.allclose(rows, proportions(noise) @ generator.space.corners, atol=1e-5)
+    with pytest.raises(Exception, match="no coordinates for members"):
+        generator.space.encode([])
+
+
+def test_rerunning_a_finished_subspace_training_returns_it(subspace: dict[str, Path], run_cli) -> None:
+    before = (subspace["gen"] / "space.safetensors").read_bytes()
+    result = run_cli("train", subspace["canon"], "-o", subspace["gen"], "--space", "subspace", "--space-args",
+                     '{"epochs": 20, "lr": 0.001, "warmup_steps": 20}', "--holdout", "0.2")
+    assert result.exit_code == 0, result.output
+    assert (subspace["gen"] / "space.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--space", "subspace", "--net", "graph"), "the subspace space draws its samples: it has no use for --net graph"),
+    (("--space", "pca", "--net", "none"), "--net none leaves every sample at its noise, and the pca space needs a flow"),
+    (("--space", "subspace", "--space-args", "{epochs"), "--space-args is not valid JSON"),
+    (("--space", "subspace", "--space-args", '{"corners": 9}'), "--corners 9 needs 2 to 5 training members"),
+    (("--space", "subspace", "--space-args", '{"temperature": 2}'), "the subspace weight space has no setting 'temperature'"),
+    (("--space", "subspace", "--space-args", '{"epochs": 0}'), "--subspace-epochs 0 must be > 0"),
+])
+def test_bad_subspace_options(chain: dict[str, Path], tmp_path: Path, run_cli, args, message) -> None:
+    result = run_cli("train", chain["canon"], "-o", tmp_path / "gen", "--holdout", "0.2", *args)
+    assert result.exit_code == 2 and message in result.stderr, result.output
+    assert not (tmp_path / "gen" / "config.json").exists()
+
+
+def test_a_zoo_without_data_needs_one_for_the_subspace(random_zoo: Path, tmp_path: Path, run_cli) -> None:
+    result = run_cli("train", random_zoo, "-o", tmp_path / "gen", "--space", "subspace")
+    assert result.exit_code == 2 and "the zoo records no dataset" in result.stderr
+
+
+def test_a_killed_subspace_training_resumes_bit_for_bit(chain: dict[str, Path], tmp_path: Path) -> None:
+    import safetensors.torch
+
+    from wgen.checkpoints import open_zoo
+    from wgen.flow.train import TrainConfig, train_generator
+
+    zoo = open_zoo(chain["canon"])
+    config = TrainConfig(space="subspace", space_args={"epochs": 2, "warmup_steps": 2}, holdout=0.2)
+    whole = train_generator(zoo, tmp_path / "whole", config, torch.device("cpu"))
+    assert whole is not None and whole.space["training"]["steps"] == 20  # 1,258 training digits, 128 a batch
+    assert train_generator(zoo, tmp_path / "cut", config, torch.device("cpu"), stop_after=7) is None
+    assert not (tmp_path / "cut" / "config.json").exists()
+    assert json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())["step"] == 7
+    resumed = train_generator(zoo, tmp_path / "cut", config, torch.device("cpu"))  # the same call again resumes
+    assert resumed is not None and not (tmp_path / "cut" / "checkpoint").exists()  # the corners are in the generator
+    a = safetensors.torch.load_file(str(tmp_path / "whole" / "space.safetensors"))["corners"]
+    b = safetensors.torch.load_file(str(tmp_path / "cut" / "space.safetensors"))["corners"]
+    assert torch.equal(a, b)

@@ -1,0 +1,205 @@
+"""The ``subspace`` weight space: a simplex of networks whose every point is trained to be accurate.
+
+Its corners start as the aligned training members. ``fit`` trains them on the zoo's train split so
+that the network at *any* point of the simplex classifies well: each step mixes the corners'
+parameters in fresh Dirichlet(1) proportions and takes one optimizer step on the mixed network's
+loss (the method of Wortsman et al., ICML 2021, "Learning Neural Network Subspaces", started from an
+aligned zoo instead of random inits; from random inits it measured 64% where the zoo reaches 93%).
+A sample is the network at a random point: a mix of every corner, far from each training member in
+weights and in predictions (docs/benchmarks.md).
+
+No velocity net learns anything here: a sample's noise *is* its point (``drawn``), turned into
+Dirichlet(1) proportions through exponentials, ``-log Phi(z)``. BatchNorm statistics of a mix fit
+no corner, so samples of a BatchNorm network are calibrated on the train split (``calibrates``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from ...errors import WgenError
+from ...limits import check_all
+from ...optim import warmup_cosine
+from ..checkpoint import load_optimizer, optimizer_tensors, part, read_state, write_state
+from .base import FitContext, FitStopped, Layout, StateDict, WeightSpace, load_layout
+
+LOSS_WINDOW = 50  # steps averaged into the reported loss
+CHECKPOINT_EVERY = 200  # steps between resumable checkpoints
+EPOCH_SEEDS = 1_000_003  # epoch e of seed s is shuffled by s * EPOCH_SEEDS + e ...
+STEP_SEEDS = 1_000_000_007  # ... and step t mixes the corners by noise seeded s * STEP_SEEDS + t
+
+
+@dataclass(frozen=True)
+class SubspaceOptions:
+    """How the simplex is trained: epochs over the train split, AdamW settings, corners."""
+
+    epochs: float = 40.0  # with lr, chosen on the val split of digits-hard for test_resnet and test_vit zoos
+    lr: float = 1e-3
+    batch_size: int = 128
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    corners: int = 0  # 0: every training member is a corner
+
+    def check(self) -> None:
+        """Raise a WgenError for a setting out of its range."""
+        check_all({"--lr": self.lr, "--batch-size": self.batch_size, "--weight-decay": self.weight_decay,
+                   "--warmup-steps": self.warmup_steps, "--subspace-epochs": self.epochs,
+                   "--corners": self.corners})
+
+
+def proportions(noise: torch.Tensor) -> torch.Tensor:
+    """Return Dirichlet(1) proportions ``[..., K]`` from standard normal ``noise`` ``[..., K]``.
+
+    ``-log Phi(z)`` of a standard normal ``z`` is an Exponential(1) draw, and normalised exponentials
+    are Dirichlet(1): the map is exact, deterministic and smooth.
+    """
+    exponentials = -torch.special.log_ndtr(noise.double())
+    return (exponentials / exponentials.sum(dim=-1, keepdim=True)).to(noise.dtype)
+
+
+class SubspaceSpace(WeightSpace):
+    """Coordinates: the standard normal noise of a point of the simplex; raw vector: the corners' mix."""
+
+    Options = SubspaceOptions
+    drawn = True
+    calibrates = True
+    needs_data = True
+
+    def __init__(self, layout: Layout, corners: torch.Tensor, training: dict[str, Any]) -> None:
+        super().__init__(layout)
+        self.corners = corners  # [K, layout.dim], raw vectors
+        self.training = training
+
+    @classmethod
+    def fit(cls, states: list[StateDict], options: SubspaceOptions, context: FitContext) -> SubspaceSpace:
+        if context.data is None or context.spec is None:
+            raise WgenError("the subspace space trains on data, and the zoo records none",
+                            "pass --data SPEC to wgen train (the dataset the zoo was trained on)")
+        count = options.corners or len(states)
+        if not 2 <= count <= len(states):
+            raise WgenError(f"--corners {count} needs 2 to {len(states)} training members",
+                            "lower --corners, or train a larger zoo")
+        chosen = states[:count]
+        layout = Layout.from_state(chosen[0])
+        params, losses, seconds = _train_corners(chosen, options, context)
+        rows = [layout.flatten({**state, **{k: v[i].detach().cpu() for k, v in params.items()}})
+                for i, state in enumerate(chosen)]
+        training = {**asdict(options), "corners": count, "steps": len(losses), "final_loss": round(_recent(losses), 5),
+                    "seconds": round(seconds, 2)}
+        return cls(layout, torch.stack(rows).to(context.device), training)
+
+    @classmethod
+    def load(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> SubspaceSpace:
+        return cls(load_layout(config, tensors), tensors["corners"], dict(config["training"]))
+
+    def saved(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        config = {"kind": self.kind, "corners": len(self.corners), "training": self.training,
+                  "values": self.layout.dim, **self.layout.to_json()}
+        tensors = {"corners": self.corners.cpu().contiguous()}
+        tensors.update({f"fixed.{k}": v.contiguous() for k, v in self.layout.fixed.items()})
+        return config, tensors
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.corners),)
+
+    def encode(self, states: list[StateDict]) -> torch.Tensor:
+        raise WgenError("a subspace generator has no coordinates for members: its samples are drawn, not flowed",
+                        "sample it with wgen sample")
+
+    def vectors(self, coords: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        mix = proportions(coords.to(self.corners.device).float())
+        return torch.matmul(mix, self.corners, out=out)
+
+    def describe(self) -> str:
+        t = self.training
+        return (f"subspace of {len(self.corners)} corners over {self.layout.dim:,} weights, trained "
+                f"{t['steps']} steps ({t['epochs']:g} epochs)")
+
+
+def _train_corners(states: list[StateDict], options: SubspaceOptions, context: FitContext
+                   ) -> tuple[dict[str, torch.Tensor], list[float], float]:
+    """Return the trained corners' parameters ``{name: [K, ...]}``, the loss of every step and the seconds
+    of every segment; resumes from (and every ``CHECKPOINT_EVERY`` steps writes) ``context.checkpoints``.
+
+    Step ``s`` sees the batches of epoch ``s // per_epoch`` in the order seeded by that epoch, and mixes the
+    corners by noise seeded by ``s``: a resumed run takes exactly the steps an uninterrupted one would.
+    """
+    device, data, count = context.device, context.data, len(states)
+    torch.manual_seed(context.seed)
+    model = context.spec.create(device).train()
+    names = [name for name, _ in model.named_parameters()]
+    params = {k: torch.stack([s[k] for s in states]).to(device).float().requires_grad_(True) for k in names}
+    # Buffers (BatchNorm statistics) are the first corner's: training mode normalises with batch statistics.
+    buffers = {k: v.to(device).clone() for k, v in states[0].items() if k not in params}
+    optimizer = torch.optim.AdamW(params.values(), lr=options.lr, weight_decay=options.weight_decay)
+    examples = len(data.indices["train"])
+    per_epoch = examples // options.batch_size + (examples % options.batch_size >= 2)  # a last batch of 1 is skipped
+    total = max(1, math.ceil(options.epochs * per_epoch))
+    losses, earlier = _resume(context.checkpoints, params, optimizer, device)
+    started = time.perf_counter()
+    context.progress.stage("subspace", total, len(losses))
+    while len(losses) < total:
+        epoch, offset = divmod(len(losses), per_epoch)
+        order = torch.Generator().manual_seed(context.seed * EPOCH_SEEDS + epoch)
+        usable = (batch for batch in data.batches("train", options.batch_size, order) if len(batch[1]) >= 2)
+        for x, y in itertools.islice(usable, offset, None):
+            step = len(losses)
+            noise = torch.randn(count, generator=torch.Generator().manual_seed(context.seed * STEP_SEEDS + step))
+            mix = proportions(noise).to(device)
+            weights = {k: torch.tensordot(mix, v, dims=1) for k, v in params.items()}
+            loss = F.cross_entropy(functional_call(model, {**weights, **buffers}, (x.to(device),)), y.to(device))
+            for group in optimizer.param_groups:
+                group["lr"] = warmup_cosine(step, options.lr, options.warmup_steps, total)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            if not math.isfinite(losses[-1]):
+                raise WgenError(f"subspace training diverged (loss {losses[-1]}) at step {len(losses)}",
+                                "lower the subspace lr (--space-args '{\"lr\": 1e-4}')")
+            context.progress.advance(1, f"loss {_recent(losses):.4f}")
+            seconds = earlier + time.perf_counter() - started
+            if context.checkpoints is not None and (len(losses) % CHECKPOINT_EVERY == 0 or len(losses) == context.stop_after):
+                _save(context.checkpoints, params, optimizer, losses, seconds, context.meta)
+            if context.stop_after is not None and len(losses) >= context.stop_after:
+                raise FitStopped
+            if len(losses) == total:
+                break
+    return params, losses, earlier + time.perf_counter() - started
+
+
+def _recent(losses: list[float]) -> float:
+    recent = losses[-LOSS_WINDOW:]
+    return sum(recent) / max(1, len(recent))
+
+
+def _save(folder: Path, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, losses: list[float],
+          seconds: float, meta: dict[str, Any]) -> None:
+    tensors, groups = optimizer_tensors(optimizer)
+    tensors.update({f"corners.{k}": v.detach().cpu() for k, v in params.items()})
+    write_state(folder, tensors, {"step": len(losses), "losses": losses, "seconds": seconds, "param_groups": groups,
+                                  **meta})
+
+
+def _resume(folder: Path | None, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+            device: torch.device) -> tuple[list[float], float]:
+    """Restore a checkpoint of ``folder`` into ``params`` and ``optimizer``; return its losses and seconds."""
+    saved = read_state(folder) if folder is not None else None
+    if saved is None or "losses" not in saved[1]:
+        return [], 0.0
+    tensors, info = saved
+    with torch.no_grad():
+        for k, v in part(tensors, "corners.").items():
+            params[k].copy_(v.to(device))
+    load_optimizer(optimizer, tensors, info["param_groups"], device)
+    return list(info["losses"]), float(info["seconds"])
