@@ -25,7 +25,7 @@ def test_noise_becomes_dirichlet_one_proportions() -> None:
 @pytest.fixture(scope="module")
 def subspace(chain: dict[str, Path], tmp_path_factory) -> dict[str, Path]:
     """A subspace generator on the digits chain's canonical zoo (5 corners, 1 held out) and 6 samples of it."""
-    from tests.conftest import invoke
+    from conftest import invoke
 
     root = tmp_path_factory.mktemp("subspace")
     for args in (("train", chain["canon"], "-o", root / "gen", "--space", "subspace", "--space-args",
