@@ -35,7 +35,7 @@ from .nets import DEFAULT_NET, NETS, create_net
 from .nets.base import VelocityNet
 from .path import TIME_SAMPLING, ot_pairing, point_and_velocity, sample_times
 from .spaces import AUTO, SPACES, fit_space, resolve_kind
-from .spaces.base import FitContext, FitStopped, WeightSpace
+from .spaces.base import FitContext, FitStopped, Layout, WeightSpace
 
 REPORT_EVERY = 50  # steps between loss reports (and held-out losses)
 VALIDATION_POINTS = 256
@@ -108,7 +108,8 @@ def train_generator(zoo: Zoo, out: Path, config: TrainConfig, device: torch.devi
     if resume and finished:
         finish_distributed(ranks)
         return read_generator_config(out) if ranks.main else None
-    kind = resolve_kind(config.space, _values(states[names[0]]), config.data is not None or "data" in zoo.info)
+    has_data = config.data is not None or "data" in zoo.info
+    kind = resolve_kind(config.space, Layout.from_state(states[names[0]]).dim, has_data)
     meta = {"source_fingerprint": fingerprint, "config": config.to_json()}
     context = FitContext(device, zoo.spec, zoo.preprocessing()[0], _space_data(zoo, kind, config, ranks), config.seed,
                          progress, out / CHECKPOINT_DIR, meta, stop_after)
@@ -143,10 +144,6 @@ def train_generator(zoo: Zoo, out: Path, config: TrainConfig, device: torch.devi
         write_generator(out, result, space_tensors, state.ema)
     finish_distributed(ranks)
     return result
-
-
-def _values(state: dict[str, torch.Tensor]) -> int:
-    return sum(v.numel() for v in state.values() if v.is_floating_point())
 
 
 def _space_data(zoo: Zoo, kind: str, config: TrainConfig, ranks: Ranks) -> Any:

@@ -246,10 +246,11 @@ def load_layout(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Lay
     return Layout.from_json(config, fixed)
 
 
-def saved_layout(kind: str, layout: Layout, norm: Normalization, extra: dict[str, Any]
+def saved_layout(kind: str, layout: Layout, norm: Normalization | None, extra: dict[str, Any]
                  ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Return the JSON config and tensors every normalised space stores: kind, layout, mean, scale."""
+    """Return the JSON config and tensors every space stores: kind, layout, integer buffers, and the mean
+    and scale of a normalised space (``norm`` given)."""
     config = {"kind": kind, **extra, "values": layout.dim, **layout.to_json()}
-    tensors = {"mean": norm.mean.cpu().contiguous(), "scale": norm.scale.cpu().contiguous()}
+    tensors = {} if norm is None else {"mean": norm.mean.cpu().contiguous(), "scale": norm.scale.cpu().contiguous()}
     tensors.update({f"fixed.{k}": v.contiguous() for k, v in layout.fixed.items()})
     return config, tensors

@@ -30,7 +30,7 @@ from ...errors import WgenError
 from ...limits import check_all
 from ...optim import warmup_cosine
 from ..checkpoint import load_optimizer, optimizer_tensors, part, read_state, write_state
-from .base import FitContext, FitStopped, Layout, StateDict, WeightSpace, load_layout
+from .base import FitContext, FitStopped, Layout, StateDict, WeightSpace, load_layout, saved_layout
 
 LOSS_WINDOW = 50  # steps averaged into the reported loss
 CHECKPOINT_EVERY = 200  # steps between resumable checkpoints
@@ -102,10 +102,9 @@ class SubspaceSpace(WeightSpace):
         return cls(load_layout(config, tensors), tensors["corners"], dict(config["training"]))
 
     def saved(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        config = {"kind": self.kind, "corners": len(self.corners), "training": self.training,
-                  "values": self.layout.dim, **self.layout.to_json()}
-        tensors = {"corners": self.corners.cpu().contiguous()}
-        tensors.update({f"fixed.{k}": v.contiguous() for k, v in self.layout.fixed.items()})
+        config, tensors = saved_layout(self.kind, self.layout, None,
+                                       {"corners": len(self.corners), "training": self.training})
+        tensors["corners"] = self.corners.cpu().contiguous()
         return config, tensors
 
     @property
