@@ -42,7 +42,7 @@ STEP_SEEDS = 1_000_000_007  # ... and step t mixes the corners by noise seeded s
 class SubspaceOptions:
     """How the simplex is trained: epochs over the train split, AdamW settings, corners."""
 
-    epochs: float = 40.0  # with lr, chosen on the val split of digits-hard for test_resnet and test_vit zoos
+    epochs: float = 60.0  # with lr, chosen on the val split of digits-hard for test_resnet and test_vit zoos
     lr: float = 1e-3
     batch_size: int = 128
     weight_decay: float = 0.0
