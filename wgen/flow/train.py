@@ -119,7 +119,7 @@ def train_generator(zoo: Zoo, out: Path, config: TrainConfig, device: torch.devi
         return None
     if space.drawn:
         finish_distributed(ranks)  # a space that trains on data runs as one process (checked above)
-        return _write_drawn_generator(out, zoo, space, context, fingerprint, train_names, holdout_names)
+        return _write_drawn_generator(out, zoo, space, config, context, fingerprint, train_names, holdout_names)
     coords = space.encode([states[n] for n in train_names]).float()
     held = space.encode([states[n] for n in holdout_names]).float() if holdout_names else None
     del states
@@ -158,13 +158,12 @@ def _space_data(zoo: Zoo, kind: str, config: TrainConfig, ranks: Ranks) -> Any:
     return data_for_zoo(zoo.info, config.data, zoo.preprocessing()[0])
 
 
-def _write_drawn_generator(out: Path, zoo: Zoo, space: WeightSpace, context: FitContext, fingerprint: str,
-                           train_names: list[str], holdout_names: list[str]) -> GeneratorConfig:
+def _write_drawn_generator(out: Path, zoo: Zoo, space: WeightSpace, config: TrainConfig, context: FitContext,
+                           fingerprint: str, train_names: list[str], holdout_names: list[str]) -> GeneratorConfig:
     """Write and return the generator of a space that draws its samples (no velocity net is trained)."""
     space_config, space_tensors = space.saved()
     fit = space_config["training"]
-    config = context.meta["config"]
-    training = {**config, "device": str(context.device), "world_size": 1, "seconds": fit["seconds"],
+    training = {**config.to_json(), "device": str(context.device), "world_size": 1, "seconds": fit["seconds"],
                 "final_loss": fit["final_loss"], "final_val_loss": None}
     result = _generator_config(zoo, space_config, create_net("none", {}, space), [], fingerprint, train_names,
                                holdout_names, training)
