@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 
-from wgen.flow.spaces.subspace import proportions
+from wgen.flow.spaces.subspace import SubspaceOptions, proportions, simplex_of
 
 
 def test_noise_becomes_dirichlet_one_proportions() -> None:
@@ -64,6 +64,38 @@ def test_subspace_samples_mix_the_trained_corners(subspace: dict[str, Path]) -> 
         generator.space.encode([])
 
 
+def test_simplex_choice_is_uniform_over_the_simplices() -> None:
+    which = simplex_of(torch.randn(90_000, generator=torch.Generator().manual_seed(0)), 3)
+    assert torch.bincount(which, minlength=3).div(90_000).tolist() == pytest.approx([1 / 3] * 3, abs=5e-3)
+
+
+@pytest.mark.parametrize("corners, batch_size, simplices", [(5, 128, 1), (23, 128, 1), (24, 128, 2), (36, 128, 3),
+                                                             (200, 128, 4), (48, 64, 2), (48, 32, 1)])
+def test_auto_simplices_take_one_per_twelve_corners_in_parts_of_32_or_more(corners: int, batch_size: int,
+                                                                           simplices: int) -> None:
+    assert SubspaceOptions(batch_size=batch_size).resolved(corners).simplices == simplices
+    assert SubspaceOptions(simplices=2).resolved(corners).simplices == 2
+
+
+def test_several_simplices_train_apart_and_a_sample_mixes_one_of_them(chain: dict[str, Path], tmp_path: Path,
+                                                                      run_cli) -> None:
+    from wgen.flow.generator import load_generator
+
+    result = run_cli("train", chain["canon"], "-o", tmp_path / "gen", "--space", "subspace", "--space-args",
+                     '{"epochs": 3, "warmup_steps": 5, "simplices": 2}', "--holdout", "0.2")
+    assert result.exit_code == 0, result.output
+    space = load_generator(tmp_path / "gen").space
+    assert space.simplices == 2 and len(space.corners) == 4 and space.shape == (3,)  # 5 members: one left out
+    assert "2 simplices of 2 corners" in space.describe()
+    noise = torch.randn(8, 3, generator=torch.Generator().manual_seed(2))
+    which = (noise[:, 2] > 0).long()
+    expected = torch.stack([proportions(z[:2]) @ space.corners[2 * s:2 * s + 2] for z, s in zip(noise, which)])
+    assert 0 < int(which.sum()) < 8 and torch.allclose(space.vectors(noise), expected, atol=1e-5)
+    result = run_cli("sample", tmp_path / "gen", "-n", "2", "-o", tmp_path / "samples")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "samples" / "manifest.json").read_text())["rejected"] == 0
+
+
 def test_rerunning_a_finished_subspace_training_returns_it(subspace: dict[str, Path], run_cli) -> None:
     before = (subspace["gen"] / "space.safetensors").read_bytes()
     result = run_cli("train", subspace["canon"], "-o", subspace["gen"], "--space", "subspace", "--space-args",
@@ -79,6 +111,9 @@ def test_rerunning_a_finished_subspace_training_returns_it(subspace: dict[str, P
     (("--space", "subspace", "--space-args", '{"corners": 9}'), "--corners 9 needs 2 to 5 training members"),
     (("--space", "subspace", "--space-args", '{"temperature": 2}'), "the subspace weight space has no setting 'temperature'"),
     (("--space", "subspace", "--space-args", '{"epochs": 0}'), "--subspace-epochs 0 must be > 0"),
+    (("--space", "subspace", "--space-args", '{"simplices": 3}'), "--simplices 3 leaves fewer than 2 of the 5 corners a simplex"),
+    (("--space", "subspace", "--space-args", '{"simplices": 2, "batch_size": 3}'),
+     "--batch-size 3 splits into fewer than 2 examples a simplex"),
 ])
 def test_bad_subspace_options(chain: dict[str, Path], tmp_path: Path, run_cli, args, message) -> None:
     result = run_cli("train", chain["canon"], "-o", tmp_path / "gen", "--holdout", "0.2", *args)
@@ -91,14 +126,16 @@ def test_a_zoo_without_data_needs_one_for_the_subspace(random_zoo: Path, tmp_pat
     assert result.exit_code == 2 and "the zoo records no dataset" in result.stderr
 
 
-def test_a_killed_subspace_training_resumes_bit_for_bit(chain: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("simplices", [1, 2])
+def test_a_killed_subspace_training_resumes_bit_for_bit(chain: dict[str, Path], tmp_path: Path, simplices: int) -> None:
     import safetensors.torch
 
     from wgen.checkpoints import open_zoo
     from wgen.flow.train import TrainConfig, train_generator
 
     zoo = open_zoo(chain["canon"])
-    config = TrainConfig(space="subspace", space_args={"epochs": 2, "warmup_steps": 2}, holdout=0.2)
+    config = TrainConfig(space="subspace", space_args={"epochs": 2, "warmup_steps": 2, "simplices": simplices},
+                         holdout=0.2)
     whole = train_generator(zoo, tmp_path / "whole", config, torch.device("cpu"))
     assert whole is not None and whole.space["training"]["steps"] == 20  # 1,258 training digits, 128 a batch
     assert train_generator(zoo, tmp_path / "cut", config, torch.device("cpu"), stop_after=7) is None

@@ -8,8 +8,14 @@ aligned zoo instead of random inits; from random inits it measured 64% where the
 A sample is the network at a random point: a mix of every corner, far from each training member in
 weights and in predictions (docs/benchmarks.md).
 
+With ``simplices`` S > 1 the corners form S independent simplices of equal size, trained at once: each
+step splits its batch among them, so training costs what one simplex costs. Each converges to its own
+function; a sample is a point of one of them, chosen uniformly, so samples disagree more with each other
+(twice as much on test_vit at S = 2) and an ensemble of them gains more.
+
 No velocity net learns anything here: a sample's noise *is* its point (``drawn``), turned into
-Dirichlet(1) proportions through exponentials, ``-log Phi(z)``. BatchNorm statistics of a mix fit
+Dirichlet(1) proportions through exponentials, ``-log Phi(z)``; with S > 1 one more coordinate picks
+the simplex, ``floor(S Phi(z))``. BatchNorm statistics of a mix fit
 no corner, so samples of a BatchNorm network are calibrated on the train split (``calibrates``).
 """
 
@@ -18,7 +24,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +42,10 @@ LOSS_WINDOW = 50  # steps averaged into the reported loss
 CHECKPOINT_EVERY = 200  # steps between resumable checkpoints
 EPOCH_SEEDS = 1_000_003  # epoch e of seed s is shuffled by s * EPOCH_SEEDS + e ...
 STEP_SEEDS = 1_000_000_007  # ... and step t mixes the corners by noise seeded s * STEP_SEEDS + t
+# Auto simplices: one per 12 corners. On the val split of test_vit, 2 simplices of 12 made a better ensemble
+# than one of 24 (and than noisy members); 3 of 8 and 4 of 6 lost accuracy (docs/benchmarks.md).
+CORNERS_PER_SIMPLEX = 12
+MIN_PART = 32  # auto never splits a batch into parts smaller than this (measured down to 64)
 
 
 @dataclass(frozen=True)
@@ -48,12 +58,30 @@ class SubspaceOptions:
     weight_decay: float = 0.0
     warmup_steps: int = 100
     corners: int = 0  # 0: every training member is a corner
+    simplices: int = 0  # independent simplices the corners are split into (equally; a remainder is left out); 0: auto
 
     def check(self) -> None:
         """Raise a WgenError for a setting out of its range."""
         check_all({"--lr": self.lr, "--batch-size": self.batch_size, "--weight-decay": self.weight_decay,
                    "--warmup-steps": self.warmup_steps, "--subspace-epochs": self.epochs,
-                   "--corners": self.corners})
+                   "--corners": self.corners, "--simplices": self.simplices})
+        if self.batch_size < 2 * self.simplices:
+            raise WgenError(f"--batch-size {self.batch_size} splits into fewer than 2 examples a simplex",
+                            f"use --batch-size {2 * self.simplices} or more, or fewer --simplices")
+
+    def resolved(self, corners: int) -> SubspaceOptions:
+        """Return these options for ``corners`` corners, ``simplices`` made explicit (auto: one per 12 corners,
+        never parts of a batch under 32 examples), or a WgenError when a simplex would get fewer than 2."""
+        simplices = self.simplices or max(1, min(corners // CORNERS_PER_SIMPLEX, self.batch_size // MIN_PART))
+        if corners // simplices < 2:
+            raise WgenError(f"--simplices {simplices} leaves fewer than 2 of the {corners} corners a simplex",
+                            f"use --simplices {corners // 2} or fewer")
+        return replace(self, simplices=simplices)
+
+
+def simplex_of(noise: torch.Tensor, simplices: int) -> torch.Tensor:
+    """Return the simplex index ``floor(simplices * Phi(z))`` (uniform on ``0..simplices-1``) of standard normal ``noise``."""
+    return (torch.special.ndtr(noise.double()) * simplices).long().clamp_(0, simplices - 1)
 
 
 def proportions(noise: torch.Tensor) -> torch.Tensor:
@@ -76,8 +104,14 @@ class SubspaceSpace(WeightSpace):
 
     def __init__(self, layout: Layout, corners: torch.Tensor, training: dict[str, Any]) -> None:
         super().__init__(layout)
-        self.corners = corners  # [K, layout.dim], raw vectors
+        self.corners = corners  # [S * K, layout.dim], raw vectors, simplex by simplex
         self.training = training
+        self.simplices = int(training.get("simplices", 1))  # generators from before the option have one
+
+    @property
+    def per_simplex(self) -> int:
+        """Return the number of corners of each simplex."""
+        return len(self.corners) // self.simplices
 
     @classmethod
     def fit(cls, states: list[StateDict], options: SubspaceOptions, context: FitContext) -> SubspaceSpace:
@@ -88,6 +122,8 @@ class SubspaceSpace(WeightSpace):
         if not 2 <= count <= len(states):
             raise WgenError(f"--corners {count} needs 2 to {len(states)} training members",
                             "lower --corners, or train a larger zoo")
+        options = options.resolved(count)
+        count -= count % options.simplices
         chosen = states[:count]
         layout = Layout.from_state(chosen[0])
         params, losses, seconds = _train_corners(chosen, options, context)
@@ -109,19 +145,28 @@ class SubspaceSpace(WeightSpace):
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (len(self.corners),)
+        return (self.per_simplex + (self.simplices > 1),)
 
     def encode(self, states: list[StateDict]) -> torch.Tensor:
         raise WgenError("a subspace generator has no coordinates for members: its samples are drawn, not flowed",
                         "sample it with wgen sample")
 
     def vectors(self, coords: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        mix = proportions(coords.to(self.corners.device).float())
-        return torch.matmul(mix, self.corners, out=out)
+        coords = coords.to(self.corners.device).float()
+        if self.simplices == 1:
+            return torch.matmul(proportions(coords), self.corners, out=out)
+        k = self.per_simplex
+        mix, which = proportions(coords[:, :k]), simplex_of(coords[:, k], self.simplices)
+        out = torch.empty(len(coords), self.corners.shape[1], device=self.corners.device) if out is None else out
+        for s in which.unique().tolist():
+            rows = which == s
+            out[rows] = mix[rows] @ self.corners[s * k:(s + 1) * k]
+        return out
 
     def describe(self) -> str:
         t = self.training
-        return (f"subspace of {len(self.corners)} corners over {self.layout.dim:,} weights, trained "
+        simplices = f"{self.simplices} simplices of {self.per_simplex}" if self.simplices > 1 else str(len(self.corners))
+        return (f"subspace of {simplices} corners over {self.layout.dim:,} weights, trained "
                 f"{t['steps']} steps ({t['epochs']:g} epochs)")
 
 
@@ -132,8 +177,9 @@ def _train_corners(states: list[StateDict], options: SubspaceOptions, context: F
 
     Step ``s`` sees the batches of epoch ``s // per_epoch`` in the order seeded by that epoch, and mixes the
     corners by noise seeded by ``s``: a resumed run takes exactly the steps an uninterrupted one would.
+    With several simplices the batch is split among them in order, one loss summed over the parts.
     """
-    device, data, count = context.device, context.data, len(states)
+    device, data, count, simplices = context.device, context.data, len(states), options.simplices
     torch.manual_seed(context.seed)
     model = context.spec.create(device).train()
     names = [name for name, _ in model.named_parameters()]
@@ -142,7 +188,8 @@ def _train_corners(states: list[StateDict], options: SubspaceOptions, context: F
     buffers = {k: v.to(device).clone() for k, v in states[0].items() if k not in params}
     optimizer = torch.optim.AdamW(params.values(), lr=options.lr, weight_decay=options.weight_decay)
     examples = len(data.indices["train"])
-    per_epoch = examples // options.batch_size + (examples % options.batch_size >= 2)  # a last batch of 1 is skipped
+    smallest = 2 * simplices  # every simplex's part of a batch needs 2 examples for batch statistics
+    per_epoch = examples // options.batch_size + (examples % options.batch_size >= smallest)
     total = max(1, math.ceil(options.epochs * per_epoch))
     losses, earlier = _resume(context.checkpoints, params, optimizer, device)
     started = time.perf_counter()
@@ -150,13 +197,12 @@ def _train_corners(states: list[StateDict], options: SubspaceOptions, context: F
     while len(losses) < total:
         epoch, offset = divmod(len(losses), per_epoch)
         order = torch.Generator().manual_seed(context.seed * EPOCH_SEEDS + epoch)
-        usable = (batch for batch in data.batches("train", options.batch_size, order) if len(batch[1]) >= 2)
+        usable = (batch for batch in data.batches("train", options.batch_size, order) if len(batch[1]) >= smallest)
         for x, y in itertools.islice(usable, offset, None):
             step = len(losses)
             noise = torch.randn(count, generator=torch.Generator().manual_seed(context.seed * STEP_SEEDS + step))
-            mix = proportions(noise).to(device)
-            weights = {k: torch.tensordot(mix, v, dims=1) for k, v in params.items()}
-            loss = F.cross_entropy(functional_call(model, {**weights, **buffers}, (x.to(device),)), y.to(device))
+            loss = _mixed_loss(model, params, buffers, proportions(noise.view(simplices, -1)).to(device),
+                               x.to(device), y.to(device))
             for group in optimizer.param_groups:
                 group["lr"] = warmup_cosine(step, options.lr, options.warmup_steps, total)
             optimizer.zero_grad(set_to_none=True)
@@ -175,6 +221,18 @@ def _train_corners(states: list[StateDict], options: SubspaceOptions, context: F
             if len(losses) == total:
                 break
     return params, losses, earlier + time.perf_counter() - started
+
+
+def _mixed_loss(model: torch.nn.Module, params: dict[str, torch.Tensor], buffers: StateDict, mix: torch.Tensor,
+                x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Return the cross-entropy of the batch ``(x, y)`` split among the simplices: part ``s`` goes through the
+    network at proportions ``mix[s]`` of simplex ``s``'s corners (``params`` hold them simplex by simplex)."""
+    simplices, k = mix.shape
+    loss = x.new_zeros(())
+    for s, (xs, ys) in enumerate(zip(x.tensor_split(simplices), y.tensor_split(simplices))):
+        weights = {name: torch.tensordot(mix[s], v[s * k:(s + 1) * k], dims=1) for name, v in params.items()}
+        loss = loss + F.cross_entropy(functional_call(model, {**weights, **buffers}, (xs,)), ys) * (len(ys) / len(y))
+    return loss
 
 
 def _recent(losses: list[float]) -> float:
