@@ -136,8 +136,7 @@ def train_generator(zoo: Zoo, out: Path, config: TrainConfig, device: torch.devi
     result = None
     if ranks.main:
         last = state.history[-1] if state.history else {}
-        training = {**config.to_json(), "device": run["device"], "world_size": ranks.world, "seconds": round(seconds, 2),
-                    "final_loss": last.get("loss"), "final_val_loss": last.get("val_loss")}
+        training = _training_record(config, device, ranks.world, seconds, last.get("loss"), last.get("val_loss"))
         space_config, space_tensors = space.saved()
         result = _generator_config(zoo, space_config, state.net, state.history, fingerprint, train_names,
                                    holdout_names, training)
@@ -163,8 +162,7 @@ def _write_drawn_generator(out: Path, zoo: Zoo, space: WeightSpace, config: Trai
     """Write and return the generator of a space that draws its samples (no velocity net is trained)."""
     space_config, space_tensors = space.saved()
     fit = space_config["training"]
-    training = {**config.to_json(), "device": str(context.device), "world_size": 1, "seconds": fit["seconds"],
-                "final_loss": fit["final_loss"], "final_val_loss": None}
+    training = _training_record(config, context.device, 1, fit["seconds"], fit["final_loss"], None)
     result = _generator_config(zoo, space_config, create_net("none", {}, space), [], fingerprint, train_names,
                                holdout_names, training)
     if context.data is not None:  # the data the space trained on, which sampling calibrates on
@@ -172,6 +170,13 @@ def _write_drawn_generator(out: Path, zoo: Zoo, space: WeightSpace, config: Trai
     write_generator(out, result, space_tensors, {})
     shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)  # the corners are in the generator now
     return result
+
+
+def _training_record(config: TrainConfig, device: torch.device, world_size: int, seconds: float,
+                     final_loss: float | None, final_val_loss: float | None) -> dict[str, Any]:
+    """Return the generator config's ``training`` record: the settings, where it ran, its time and final losses."""
+    return {**config.to_json(), "device": str(device), "world_size": world_size, "seconds": round(seconds, 2),
+            "final_loss": final_loss, "final_val_loss": final_val_loss}
 
 
 def _same_run(out: Path, fingerprint: str, config: TrainConfig) -> bool:
