@@ -4,6 +4,7 @@
     python benchmarks/novelty.py --arch test_vit --out runs/novelty-vit
     python benchmarks/novelty.py --arch test_resnet --out runs/novelty-resnet --gen-name pca -- --space pca
     python benchmarks/novelty.py --arch test_resnet --out runs/units -- --space units --net graph
+    python benchmarks/novelty.py --arch test_vit --out runs/novelty-vit --gen-name s2 --split val -- --space-args '{"simplices": 2}'
 
 A zoo of ``--members`` on ``digits-hard`` (where models make mistakes: 3,590 test images), trained as
 one shard per core; canonicalized; a generator trained on all but ``--held-out`` members (extra
@@ -11,7 +12,8 @@ one shard per core; canonicalized; a generator trained on all but ``--held-out``
 one JSON object: each stage's time and peak memory, the main rows of the report, the headline and
 whether each bar of the strict protocol is met. Every stage is the CLI command a user would type;
 re-running resumes every stage (a finished one is skipped), so a second generator on the same zoo
-costs only its own stages when given a fresh ``--gen-name``.
+costs only its own stages when given a fresh ``--gen-name``. ``--split val`` judges on the val split
+(report ``NAME-report-val.json``): the split to choose settings on, leaving test for the final figures.
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ def main() -> None:
                         help="zoo processes at once (default: one per core)")
     parser.add_argument("--gen-name", default="gen", help="folder of this generator (and its samples, report)")
     parser.add_argument("--out", type=Path, default=Path("runs/novelty"))
+    parser.add_argument("--split", choices=("test", "val"), default="test", help="the split eval judges on")
     parser.add_argument("--markdown", action="store_true", help="print the report's main rows as a markdown table")
     parser.add_argument("train_args", nargs="*", help="extra wgen train options, after --")
     args = parser.parse_args()
@@ -113,10 +116,10 @@ def main() -> None:
                     *args.train_args], results)
     samples = root / f"{args.gen_name}-samples"  # beside the generator: an output never lies inside an input
     stage("sample", ["sample", str(gen), "-n", str(args.samples), "-o", str(samples)], results)
-    report_path = root / f"{args.gen_name}-report.json"
+    report_path = root / f"{args.gen_name}-report{'' if args.split == 'test' else '-' + args.split}.json"
     if not report_path.is_file():  # eval does not resume: a finished report is kept
-        stage("eval", ["eval", str(samples), "--zoo", str(root / "canon"), "--out", str(report_path),
-                       "--plot", str(report_path.with_suffix(".png"))], results)
+        stage("eval", ["eval", str(samples), "--zoo", str(root / "canon"), "--split", args.split, "--out",
+                       str(report_path), "--plot", str(report_path.with_suffix(".png"))], results)
     report = json.loads(report_path.read_text())
     if args.markdown:
         print(markdown(report))
@@ -127,6 +130,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "novelty", "architecture": args.arch, "model_args": json.loads(model_args), "data": "digits-hard",
         "members": args.members, "held_out": args.held_out, "epochs": epochs, "train_args": args.train_args,
+        "split": args.split,
         "machine": platform.processor() or platform.machine(), "cpus": len(os.sched_getaffinity(0)),
         "versions": {"wgen": wgen.__version__, "torch": torch.__version__, "timm": timm.__version__},
         "stages": results, "rows": rows, "matched_noise": report["matched_noise"], "headline": report["headline"],

@@ -41,3 +41,9 @@ def test_the_novelty_benchmark_runs_small_and_judges_every_bar(tmp_path: Path) -
                            capture_output=True, text=True, timeout=600, cwd=BENCHMARKS)
     assert table.returncode == 0, table.stderr[-3000:]
     assert table.stdout.startswith("| set | models |") and "| held-out | 1 |" in table.stdout
+    on_val = subprocess.run([sys.executable, str(BENCHMARKS / "novelty.py"), *args[:-3], "--split", "val", *args[-3:]],
+                            capture_output=True, text=True, timeout=900, cwd=BENCHMARKS)
+    assert on_val.returncode == 0, on_val.stderr[-3000:]
+    assert json.loads(on_val.stdout)["split"] == "val"
+    report = json.loads((tmp_path / "gen-report-val.json").read_text())
+    assert report["split"] == "val" and report["examples"] == 1800  # a tenth of digits-hard's 17,970 images

@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 
-from wgen.flow.spaces.subspace import proportions, simplex_of
+from wgen.flow.spaces.subspace import SubspaceOptions, proportions, simplex_of
 
 
 def test_noise_becomes_dirichlet_one_proportions() -> None:
@@ -67,6 +67,14 @@ def test_subspace_samples_mix_the_trained_corners(subspace: dict[str, Path]) -> 
 def test_simplex_choice_is_uniform_over_the_simplices() -> None:
     which = simplex_of(torch.randn(90_000, generator=torch.Generator().manual_seed(0)), 3)
     assert torch.bincount(which, minlength=3).div(90_000).tolist() == pytest.approx([1 / 3] * 3, abs=5e-3)
+
+
+@pytest.mark.parametrize("corners, batch_size, simplices", [(5, 128, 1), (23, 128, 1), (24, 128, 2), (36, 128, 2),
+                                                             (48, 256, 4), (48, 64, 1)])
+def test_auto_simplices_take_one_per_twelve_corners_in_parts_of_64_or_more(corners: int, batch_size: int,
+                                                                           simplices: int) -> None:
+    assert SubspaceOptions(batch_size=batch_size).resolved(corners).simplices == simplices
+    assert SubspaceOptions(simplices=2).resolved(corners).simplices == 2
 
 
 def test_several_simplices_train_apart_and_a_sample_mixes_one_of_them(chain: dict[str, Path], tmp_path: Path,

@@ -65,7 +65,7 @@ LIMITS: dict[str, Limit] = {
     "--steps": COUNT, "--warmup-steps": Limit(0, integer=True), "--grad-clip": POSITIVE, "--ema-decay": SHARE,
     "--holdout": SHARE, "--checkpoint-every": COUNT, "--components": COUNT, "--width": Limit(4, integer=True),
     "--depth": COUNT, "--time-dim": Limit(2, integer=True), "--dropout": SHARE,
-    "--subspace-epochs": POSITIVE, "--corners": Limit(0, integer=True), "--simplices": COUNT,
+    "--subspace-epochs": POSITIVE, "--corners": Limit(0, integer=True), "--simplices": Limit(0, integer=True),
     # wgen sample
     "--min-radius": SHARE,
     # wgen eval
