@@ -146,3 +146,21 @@ def test_a_killed_subspace_training_resumes_bit_for_bit(chain: dict[str, Path], 
     a = safetensors.torch.load_file(str(tmp_path / "whole" / "space.safetensors"))["corners"]
     b = safetensors.torch.load_file(str(tmp_path / "cut" / "space.safetensors"))["corners"]
     assert torch.equal(a, b)
+
+
+def test_a_checkpoint_of_another_number_of_simplices_is_refused(chain: dict[str, Path], tmp_path: Path) -> None:
+    from wgen.checkpoints import open_zoo
+    from wgen.errors import WgenError
+    from wgen.flow.train import TrainConfig, train_generator
+
+    zoo = open_zoo(chain["canon"])
+    config = TrainConfig(space="subspace", space_args={"epochs": 1, "warmup_steps": 2}, holdout=0.2)
+    assert train_generator(zoo, tmp_path / "gen", config, torch.device("cpu"), stop_after=3) is None
+    state = tmp_path / "gen" / "checkpoint" / "state.json"
+    info = json.loads(state.read_text())
+    assert info["simplices"] == 1  # 5 corners: one simplex
+    state.write_text(json.dumps({**info, "simplices": 2}))
+    before = state.read_bytes()
+    with pytest.raises(WgenError, match="a checkpoint of 2 simplices, and this run trains 1"):
+        train_generator(zoo, tmp_path / "gen", config, torch.device("cpu"))
+    assert state.read_bytes() == before  # the checkpoint is kept

@@ -194,7 +194,7 @@ def _train_corners(states: list[StateDict], options: SubspaceOptions, context: F
     smallest = 2 * simplices  # every simplex's part of a batch needs 2 examples for batch statistics
     per_epoch = examples // options.batch_size + (examples % options.batch_size >= smallest)
     total = max(1, math.ceil(options.epochs * per_epoch))
-    losses, earlier = _resume(context.checkpoints, params, optimizer, device)
+    losses, earlier = _resume(context.checkpoints, params, optimizer, device, simplices)
     started = time.perf_counter()
     context.progress.stage("subspace", total, len(losses))
     while len(losses) < total:
@@ -218,7 +218,7 @@ def _train_corners(states: list[StateDict], options: SubspaceOptions, context: F
             context.progress.advance(1, f"loss {_recent(losses):.4f}")
             seconds = earlier + time.perf_counter() - started
             if context.checkpoints is not None and (len(losses) % CHECKPOINT_EVERY == 0 or len(losses) == context.stop_after):
-                _save(context.checkpoints, params, optimizer, losses, seconds, context.meta)
+                _save(context.checkpoints, params, optimizer, losses, seconds, {**context.meta, "simplices": simplices})
             if context.stop_after is not None and len(losses) >= context.stop_after:
                 raise FitStopped
             if len(losses) == total:
@@ -252,12 +252,17 @@ def _save(folder: Path, params: dict[str, torch.Tensor], optimizer: torch.optim.
 
 
 def _resume(folder: Path | None, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-            device: torch.device) -> tuple[list[float], float]:
-    """Restore a checkpoint of ``folder`` into ``params`` and ``optimizer``; return its losses and seconds."""
+            device: torch.device, simplices: int) -> tuple[list[float], float]:
+    """Restore a checkpoint of ``folder`` into ``params`` and ``optimizer``; return its losses and seconds.
+
+    A checkpoint of another number of simplices (say, written before the default changed) is refused."""
     saved = read_state(folder) if folder is not None else None
     if saved is None or "losses" not in saved[1]:
         return [], 0.0
     tensors, info = saved
+    if info.get("simplices", 1) != simplices:
+        raise WgenError(f"{folder}: a checkpoint of {info.get('simplices', 1)} simplices, and this run trains {simplices}",
+                        "pass --force to start again (a checkpoint of an older wgen, whose default was one simplex)")
     with torch.no_grad():
         for k, v in part(tensors, "corners.").items():
             params[k].copy_(v.to(device))
