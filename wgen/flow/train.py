@@ -126,8 +126,7 @@ def train_generator(zoo: Zoo, out: Path, config: TrainConfig, device: torch.devi
     state = _initial_state(space, config, device, ranks)
     if resume:
         load_checkpoint(out / CHECKPOINT_DIR, state, ranks)
-    run = {"net_parameters": state.net.parameter_count(), "device": str(device), "world_size": ranks.world}
-    progress.note(f"{space.describe()}; velocity net {run['net_parameters']:,} parameters; {len(train_names)} training "
+    progress.note(f"{space.describe()}; velocity net {state.net.parameter_count():,} parameters; {len(train_names)} training "
                   f"/ {len(holdout_names)} held-out members; {device}" + (f" x{ranks.world}" if ranks.world > 1 else ""))
     seconds = _fit(state, coords, held, config, device, ranks, out / CHECKPOINT_DIR, meta, progress, stop_after)
     if seconds is None:

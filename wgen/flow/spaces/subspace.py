@@ -81,7 +81,6 @@ class SubspaceOptions:
         return replace(self, simplices=simplices)
 
 
-
 def simplex_of(noise: torch.Tensor, simplices: int) -> torch.Tensor:
     """Return the simplex index ``floor(simplices * Phi(z))`` (uniform on ``0..simplices-1``) of standard normal ``noise``."""
     return (torch.special.ndtr(noise.double()) * simplices).long().clamp_(0, simplices - 1)
@@ -260,8 +259,9 @@ def _resume(folder: Path | None, params: dict[str, torch.Tensor], optimizer: tor
     if saved is None or "losses" not in saved[1]:
         return [], 0.0
     tensors, info = saved
-    if info.get("simplices", 1) != simplices:
-        raise WgenError(f"{folder}: a checkpoint of {info.get('simplices', 1)} simplices, and this run trains {simplices}",
+    saved_simplices = info.get("simplices", 1)  # checkpoints from before the option trained one
+    if saved_simplices != simplices:
+        raise WgenError(f"{folder}: a checkpoint of {saved_simplices} simplices, and this run trains {simplices}",
                         "pass --force to start again (a checkpoint of an older wgen, whose default was one simplex)")
     with torch.no_grad():
         for k, v in part(tensors, "corners.").items():
