@@ -307,6 +307,32 @@ def test_rerun_returns_a_finished_generator_and_other_settings_are_refused(rando
     assert json.loads((gen / "config.json").read_text())["training"]["checkpoint_every"] == 5
 
 
+def test_a_run_of_other_defaults_is_refused_not_resumed(random_zoo: Path, tmp_path: Path) -> None:
+    zoo, gen = open_zoo(random_zoo), tmp_path / "gen"
+    config = TrainConfig(steps=20, batch_size=16, checkpoint_every=5, net_args={"depth": 1}, holdout=0.2)
+    assert train_generator(zoo, gen, config, CPU, stop_after=5) is None
+    state = gen / "checkpoint" / "state.json"
+    info = json.loads(state.read_text())
+    assert info["resolved"]["net_options"]["width"] == 512  # the default, recorded though not typed
+    info["resolved"]["net_options"]["width"] = 256  # as a wgen of another default width wrote it
+    state.write_text(json.dumps(info))
+    before = snapshot(gen)
+    with pytest.raises(WgenError, match=r"trained with other settings \(net width: 256 vs 512\)"):
+        train_generator(zoo, gen, config, CPU)
+    assert snapshot(gen) == before
+    del info["resolved"]  # a checkpoint of a wgen from before the record resumes as it did
+    state.write_text(json.dumps(info))
+    result = train_generator(zoo, gen, config, CPU)
+    assert result.training["resolved"] == {"space": "pca", "space_options": {"components": None},
+                                           "net_options": {"width": 512, "depth": 1, "time_dim": 128, "dropout": 0.0}}
+    written = gen / "config.json"
+    record = json.loads(written.read_text())
+    record["training"]["resolved"]["space"] = "full"
+    written.write_text(json.dumps(record))
+    with pytest.raises(WgenError, match=r"trained with other settings \(space: full vs pca\)"):
+        train_generator(zoo, gen, config, CPU)
+
+
 @pytest.mark.parametrize("args, message", [
     (("--space", "fourier"), "unknown --space 'fourier'"),
     (("--net", "unet"), "unknown --net 'unet'"),

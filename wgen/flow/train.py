@@ -102,15 +102,16 @@ def train_generator(zoo: Zoo, out: Path, config: TrainConfig, device: torch.devi
     train_names, holdout_names = split_holdout(names, config.holdout, config.seed)
     states = {m.name: zoo.load(m) for m in zoo.members}
     fingerprint = zoo_fingerprint(zoo, [states[n] for n in names])
+    has_data = config.data is not None or "data" in zoo.info
+    kind = resolve_kind(config.space, Layout.from_state(states[names[0]]).dim, has_data)
+    resolved = resolved_settings(config, kind)
     finished = (out / "config.json").is_file()
     resume = on_main_then_all(ranks, lambda: prepare_output(
-        out, "generator", [zoo.root], force, lambda folder: _same_run(folder, fingerprint, config)))
+        out, "generator", [zoo.root], force, lambda folder: _same_run(folder, fingerprint, config, resolved)))
     if resume and finished:
         finish_distributed(ranks)
         return read_generator_config(out) if ranks.main else None
-    has_data = config.data is not None or "data" in zoo.info
-    kind = resolve_kind(config.space, Layout.from_state(states[names[0]]).dim, has_data)
-    meta = {"source_fingerprint": fingerprint, "config": config.to_json()}
+    meta = {"source_fingerprint": fingerprint, "config": config.to_json(), "resolved": resolved}
     context = FitContext(device, zoo.spec, zoo.preprocessing()[0], _space_data(zoo, kind, config, ranks), config.seed,
                          progress, out / CHECKPOINT_DIR, meta, stop_after)
     try:
@@ -135,7 +136,7 @@ def train_generator(zoo: Zoo, out: Path, config: TrainConfig, device: torch.devi
     result = None
     if ranks.main:
         last = state.history[-1] if state.history else {}
-        training = _training_record(config, device, ranks.world, seconds, last.get("loss"), last.get("val_loss"))
+        training = _training_record(config, resolved, device, ranks.world, seconds, last.get("loss"), last.get("val_loss"))
         space_config, space_tensors = space.saved()
         result = _generator_config(zoo, space_config, state.net, state.history, fingerprint, train_names,
                                    holdout_names, training)
@@ -161,7 +162,8 @@ def _write_drawn_generator(out: Path, zoo: Zoo, space: WeightSpace, config: Trai
     """Write and return the generator of a space that draws its samples (no velocity net is trained)."""
     space_config, space_tensors = space.saved()
     fit = space_config["training"]
-    training = _training_record(config, context.device, 1, fit["seconds"], fit["final_loss"], None)
+    training = _training_record(config, context.meta["resolved"], context.device, 1, fit["seconds"], fit["final_loss"],
+                                None)
     result = _generator_config(zoo, space_config, create_net("none", {}, space), [], fingerprint, train_names,
                                holdout_names, training)
     if context.data is not None:  # the data the space trained on, which sampling calibrates on
@@ -171,29 +173,51 @@ def _write_drawn_generator(out: Path, zoo: Zoo, space: WeightSpace, config: Trai
     return result
 
 
-def _training_record(config: TrainConfig, device: torch.device, world_size: int, seconds: float,
-                     final_loss: float | None, final_val_loss: float | None) -> dict[str, Any]:
-    """Return the generator config's ``training`` record: the settings, where it ran, its time and final losses."""
-    return {**config.to_json(), "device": str(device), "world_size": world_size, "seconds": round(seconds, 2),
-            "final_loss": final_loss, "final_val_loss": final_val_loss}
+def resolved_settings(config: TrainConfig, kind: str) -> dict[str, Any]:
+    """Return the settings ``config`` stands for with every default made explicit: the space kind (``auto``
+    resolved) and the full options of its space and net. Recorded with a run, they tell a resume under a wgen
+    whose defaults have changed from a resume of the same run."""
+    return {"space": kind, "space_options": asdict(SPACES.options(kind, config.space_args)),
+            "net_options": asdict(NETS.options(config.net, config.net_args))}
 
 
-def _same_run(out: Path, fingerprint: str, config: TrainConfig) -> bool:
+def _training_record(config: TrainConfig, resolved: dict[str, Any], device: torch.device, world_size: int,
+                     seconds: float, final_loss: float | None, final_val_loss: float | None) -> dict[str, Any]:
+    """Return the generator config's ``training`` record: the settings (as typed and resolved), where it ran,
+    its time and final losses."""
+    return {**config.to_json(), "resolved": resolved, "device": str(device), "world_size": world_size,
+            "seconds": round(seconds, 2), "final_loss": final_loss, "final_val_loss": final_val_loss}
+
+
+def _same_run(out: Path, fingerprint: str, config: TrainConfig, resolved: dict[str, Any]) -> bool:
     """Return whether ``out`` holds this run (finished or checkpointed); raise naming what differs."""
     meta = read_checkpoint_meta(out / CHECKPOINT_DIR)
     if (out / "config.json").is_file():
         finished = read_generator_config(out)
-        meta = {"source_fingerprint": finished.source_fingerprint,
+        meta = {"source_fingerprint": finished.source_fingerprint, "resolved": finished.training.get("resolved"),
                 "config": {k: finished.training.get(k) for k in config.to_json()}}
     if meta is None:
         return False
     if meta.get("source_fingerprint") != fingerprint:
         raise WgenError(f"{out}: holds a generator trained on another zoo", "choose another -o, or pass --force to replace it")
     differing = sorted(k for k, v in config.to_json().items() if meta.get("config", {}).get(k) != v)
+    differing += _differing_defaults(meta.get("resolved"), resolved) if not differing else []
     if differing:
         raise WgenError(f"{out}: holds a generator trained with other settings ({', '.join(differing)})",
                         "re-run with the same settings to resume, choose another -o, or pass --force to replace it")
     return True
+
+
+def _differing_defaults(recorded: dict[str, Any] | None, resolved: dict[str, Any]) -> list[str]:
+    """Return the resolved settings that differ from a run's ``recorded`` ones, as ``KIND NAME`` (none when the
+    run predates the record): with the same settings typed, a default of this wgen differs from the run's."""
+    if recorded is None:
+        return []
+    if recorded.get("space") != resolved["space"]:
+        return [f"space: {recorded.get('space')} vs {resolved['space']}"]
+    return [f"{kind} {name}: {recorded[part].get(name)} vs {value}"
+            for part, kind in (("space_options", resolved["space"]), ("net_options", "net"))
+            for name, value in resolved[part].items() if recorded.get(part, {}).get(name) != value]
 
 
 def _initial_state(space: WeightSpace, config: TrainConfig, device: torch.device, ranks: Ranks) -> TrainState:
