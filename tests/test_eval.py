@@ -207,3 +207,27 @@ def test_eval_counts_rejected_samples_by_reason(tiny_generator: Path, random_zoo
     report = json.loads(result.stdout)
     assert report["sampling"]["rejected"] == blends and report["sampling"]["reasons"] == {"a blend of members": blends}
     assert report["sets"]["samples"]["models"] == 6 - blends
+
+
+def test_batchnorm_reestimated_channels_last_equals_the_plain_layout(chain: dict[str, Path]) -> None:
+    from wgen.checkpoints import open_zoo
+    from wgen.data import SplitSpec, load_data
+    from wgen.metrics import recalibrated, reestimate_batchnorm
+
+    zoo = open_zoo(chain["zoo"])
+    states = [zoo.load(m) for m in zoo.members[:2]]
+    data = load_data("digits", (3, 32, 32), SplitSpec())
+    fast = recalibrated(zoo.spec, states, data, torch.device("cpu"))  # channels-last on CPU
+    x = next(iter(data.batches("val", 128)))[0]
+    for state, got in zip(states, fast):
+        model = zoo.spec.create()
+        model.load_state_dict(state)
+        assert reestimate_batchnorm(model, data, torch.device("cpu"))
+        for key, want in model.state_dict().items():
+            assert got[key].is_contiguous()
+            torch.testing.assert_close(got[key], want, rtol=1e-5, atol=1e-5)
+        want_out = model.eval()(x)
+        model.load_state_dict(got)
+        scale = want_out.abs().max().item()  # float sums in another order: the tolerance canonicalization checks
+        torch.testing.assert_close(model(x), want_out, rtol=0, atol=1e-4 * scale)
+        assert not torch.equal(got["bn1.running_var"], state["bn1.running_var"])  # the statistics did change
