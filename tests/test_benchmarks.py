@@ -35,7 +35,7 @@ def test_the_novelty_benchmark_runs_small_and_judges_every_bar(tmp_path: Path) -
     assert figures["data"] == "digits-hard" and figures["train_args"] == ["--space-args", '{"epochs": 0.05}']
     assert figures["rows"]["held-out"]["models"] == 1 and figures["rows"]["zoo"]["models"] == 3
     assert set(figures["stages"]) == {"zoo", "canonicalize", "train", "sample", "eval"}
-    assert len(figures["bars"]) == 8 and all(isinstance(bar[-1], bool) for bar in figures["bars"].values())
+    assert len(figures["bars"]) == 9 and all(isinstance(bar[-1], bool) for bar in figures["bars"].values())
     assert figures["headline"]["held-out"] == {"0.3": 1.0, "0.5": 1.0, "0.8": 1.0}  # one member sets both bars
     table = subprocess.run([sys.executable, str(BENCHMARKS / "novelty.py"), *args[:-3], "--markdown", *args[-3:]],
                            capture_output=True, text=True, timeout=600, cwd=BENCHMARKS)

@@ -231,3 +231,16 @@ def test_batchnorm_reestimated_channels_last_equals_the_plain_layout(chain: dict
         scale = want_out.abs().max().item()  # float sums in another order: the tolerance canonicalization checks
         torch.testing.assert_close(model(x), want_out, rtol=0, atol=1e-4 * scale)
         assert not torch.equal(got["bn1.running_var"], state["bn1.running_var"])  # the statistics did change
+
+
+def test_ensemble_draws_average_random_subsets() -> None:
+    from wgen.metrics import ensemble_draws
+
+    labels = torch.zeros(20, dtype=torch.long)
+    right, wrong = torch.tensor([5.0, 0.0]).expand(20, 2), torch.tensor([0.0, 5.0]).expand(20, 2)
+    draws = ensemble_draws(torch.stack([right, wrong]), labels, size=1, draws=400)
+    assert draws is not None and draws["min"] == 0.0 and draws["max"] == 1.0 and draws["draws"] == 400
+    assert 0.4 < draws["mean"] < 0.6  # each single-model draw is the right model half the time
+    four = torch.stack([right, right, right, wrong * 2])  # three right models and a surer wrong one
+    assert ensemble_draws(four, labels, size=3)["mean"] == 1.0  # a majority of every 3 is right
+    assert ensemble_draws(four, labels, size=5) is None  # fewer models than the ensemble

@@ -19,7 +19,8 @@ mean accuracy minus one point) and *novel* (NN ratio at least 0.3 / 0.5 / 0.8, a
 with a training member no higher than the held-out members' median), for every set, each noise
 scale included. The *matched* noise, the largest scale whose mean accuracy still reaches the
 samples' (or the most accurate scale when none does), with and without BN, is the one whose
-ensemble of 16 the samples' is compared with.
+ensemble of 16 the samples' is compared with: the first 16 models of each set, and the mean over 200
+random draws of 16 (``ensemble_16_draws``), the expected accuracy of which the first 16 are one draw.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from .errors import WgenError
 from .limits import check, check_all
 from .flow.generator import GeneratorConfig, read_generator_config
 from .flow.sample import MANIFEST_JSON, reason_text, rejection_counts
-from .metrics import ensemble_curve, has_batchnorm, mean_disagreement, per_model_metrics, recalibrated, stacked_logits
+from .metrics import ensemble_curve, ensemble_draws, has_batchnorm, mean_disagreement, per_model_metrics, recalibrated, stacked_logits
 from .novelty import Reference, accurate_and_novel, novelty, reference, summary
 from .outputs import atomic_write_json, refuse_overlap
 from .progress import SILENT, Progress
@@ -128,9 +129,12 @@ class _Judge:
         metrics = per_model_metrics(logits, self.labels)
         curve = ensemble_curve(logits, self.labels)
         sixteen = next((p["accuracy"] for p in curve if p["size"] == ENSEMBLE_SIZE), None)
+        draws = ensemble_draws(logits, self.labels, ENSEMBLE_SIZE, seed=self.options.seed)
         return {"models": len(logits), **{k: summary(v) for k, v in metrics.items()},
                 "per_model_accuracy": [float(a) for a in metrics["accuracy"]], "ensemble": curve,
-                f"ensemble_{ENSEMBLE_SIZE}": sixteen, "disagreement": mean_disagreement(logits)}
+                f"ensemble_{ENSEMBLE_SIZE}": sixteen,
+                f"ensemble_{ENSEMBLE_SIZE}_draws": draws,
+                "disagreement": mean_disagreement(logits)}
 
 
 def evaluate_models(target: Path, zoo_path: Path | None, options: EvalOptions, device: torch.device,
@@ -309,11 +313,12 @@ def eval_summary(report: dict[str, Any], out: Path | None, plot: Path | None) ->
     """Return what ``wgen eval`` shows: quality and novelty of every set, the headline, and where files went."""
     sets = report["sets"]
     quality = TextTable(f"{report['architecture']} on {report['data']}: {report['examples']} {report['split']} examples",
-                        ["set", "models", "acc", "min acc", "NLL", "ECE", f"ens {ENSEMBLE_SIZE}", "disagree"])
+                        ["set", "models", "acc", "min acc", "NLL", "ECE", f"ens {ENSEMBLE_SIZE}",
+                         f"ens {ENSEMBLE_SIZE} (draws)", "disagree"])
     for name, s in sets.items():
         quality.rows.append([name, str(s["models"]), pct(s["accuracy"]["mean"]), pct(s["accuracy"]["min"]),
                              f"{s['nll']['mean']:.3f}", f"{s['ece']['mean']:.3f}", pct(s[f"ensemble_{ENSEMBLE_SIZE}"]),
-                             pct(s["disagreement"])])
+                             _mean_and_std(s.get(f"ensemble_{ENSEMBLE_SIZE}_draws")), pct(s["disagreement"])])
     tables = [quality]
     if "headline" in report:
         tables += [_novelty_table(report), _headline_table(report)]
@@ -324,6 +329,10 @@ def eval_summary(report: dict[str, Any], out: Path | None, plot: Path | None) ->
                      + (f" ({reason_text(m['reasons'])})" if m["reasons"] else "") + ": the sets above hold the rest")
     after += [f"{what}: {path}" for path, what in ((out, "report"), (plot, "figure")) if path is not None]
     return Summary(tables=tables, after=after)
+
+
+def _mean_and_std(draws: dict[str, float] | None) -> str:
+    return "-" if draws is None else f"{100 * draws['mean']:.2f}% ± {100 * draws['std']:.2f}"
 
 
 def _novelty_table(report: dict[str, Any]) -> TextTable:

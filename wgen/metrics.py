@@ -171,6 +171,23 @@ def ensemble_curve(logits: torch.Tensor, labels: torch.Tensor) -> list[dict[str,
     return curve
 
 
+def ensemble_draws(logits: torch.Tensor, labels: torch.Tensor, size: int, draws: int = 200,
+                   seed: int = 0) -> dict[str, float] | None:
+    """Return the accuracy of the mean prediction of ``size`` models drawn at random (without replacement),
+    over ``draws`` seeded draws: mean, std, min and max; None when there are fewer than ``size`` models.
+
+    The expected accuracy of an ensemble of ``size`` from the set, where ``ensemble_curve``'s first ``size``
+    models are one draw of it.
+    """
+    if len(logits) < size:
+        return None
+    probs, generator = logits.softmax(dim=-1), torch.Generator().manual_seed(seed)
+    accuracy = torch.stack([(probs[torch.randperm(len(probs), generator=generator)[:size]].mean(dim=0).argmax(-1)
+                             == labels).float().mean() for _ in range(draws)])
+    return {"mean": float(accuracy.mean()), "std": float(accuracy.std()), "min": float(accuracy.min()),
+            "max": float(accuracy.max()), "draws": draws}
+
+
 def mean_disagreement(logits: torch.Tensor) -> float:
     """Return the mean over model pairs of the share of examples on which their top-1 predictions differ."""
     models = len(logits)
