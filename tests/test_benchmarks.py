@@ -47,3 +47,13 @@ def test_the_novelty_benchmark_runs_small_and_judges_every_bar(tmp_path: Path) -
     assert json.loads(on_val.stdout)["split"] == "val"
     report = json.loads((tmp_path / "gen-report-val.json").read_text())
     assert report["split"] == "val" and report["examples"] == 1800  # a tenth of digits-hard's 17,970 images
+
+
+def test_the_eval_benchmark_compares_both_paths_with_their_baselines() -> None:
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "eval.py"), "--count", "3", "--bn-count", "2"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout)
+    assert figures["models"] == 3 and figures["bn_models"] == 2 and figures["bn_speedup"] > 0
+    assert figures["max_accuracy_difference"] <= 1e-6
+    assert figures["bn_max_statistic_difference"] < 1e-3  # float sums in another order, nothing more
