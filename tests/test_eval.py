@@ -61,6 +61,37 @@ def test_noise_baseline_distance_grows_with_scale() -> None:
     assert distances[0] < distances[1] < distances[2]
 
 
+def _two_members(spec) -> list[dict[str, torch.Tensor]]:
+    """Two members told apart by value: every float of the first is 0, of the second 1."""
+    state = make_state(spec)
+    return [{k: torch.full_like(v, float(i)) if v.is_floating_point() else v for k, v in state.items()} for i in (0, 1)]
+
+
+@pytest.mark.parametrize("arch", ["test_resnet", "test_vit"])
+def test_a_unit_mosaic_takes_each_unit_whole_from_one_member(arch: str) -> None:
+    from wgen.baselines import _unit_owners, unit_mosaics
+    from wgen.checkpoints import ModelSpec
+    from wgen.permute.groups import derive_groups
+
+    spec = ModelSpec(arch, 10, {"img_size": 32, "patch_size": 8} if arch == "test_vit" else {})
+    groups = derive_groups(spec.create(), (3, 32, 32))
+    owners = _unit_owners(groups)
+    mosaics = unit_mosaics(_two_members(spec), 8, groups, torch.Generator().manual_seed(0))
+    mixed = 0
+    for mosaic in mosaics:
+        for key, (axis, _, unit) in owners.items():
+            donor = mosaic[key].movedim(axis, 0).reshape(len(unit), -1)  # one row per index of the owning axis
+            assert torch.equal(donor.amin(1), donor.amax(1)), key  # a slice is one member's
+            for u in unit.unique():
+                assert len(donor[unit == u, 0].unique()) == 1, (key, int(u))  # a unit (a head) is one member's
+            mixed += len(donor[:, 0].unique()) == 2
+    assert mixed > len(owners) * 4  # and units of one tensor come from both members
+    if arch == "test_vit":
+        assert any(len(unit.unique()) < len(unit) for _, _, unit in owners.values())  # heads span rows
+        qkv = mosaics[0]["blocks.0.attn.qkv.weight"].reshape(3, -1, mosaics[0]["blocks.0.attn.qkv.weight"].shape[1])
+        assert torch.equal(qkv[0, :, 0], qkv[2, :, 0])  # a head's q and v rows come from the same member
+
+
 def test_eval_reports_every_metric_for_every_set(chain: dict[str, Path], tmp_path: Path, run_cli) -> None:
     report_path, plot_path = tmp_path / "report.json", tmp_path / "report.png"
     result = run_cli("eval", chain["samples"], "--zoo", chain["canon"], "-d", "digits", "--out", report_path,
@@ -68,7 +99,7 @@ def test_eval_reports_every_metric_for_every_set(chain: dict[str, Path], tmp_pat
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
     written = len(list(chain["samples"].glob("sample-*")))  # a sample rejected as a blend is not written
-    baselines = ["noise 0.01", "noise 0.3", "gaussian", "interpolation", "soup of 2"]
+    baselines = ["noise 0.01", "noise 0.3", "gaussian", "interpolation", "soup of 2", "unit mosaic"]
     assert list(report["sets"]) == ["samples", "samples + BN", "zoo", "held-out",
                                     *(name + suffix for name in baselines for suffix in ("", " + BN"))]
     for name, s in report["sets"].items():

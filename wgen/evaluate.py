@@ -11,7 +11,7 @@ error overlap with a training member). The sets:
 - ``samples`` as written, and ``samples + BN`` with BatchNorm statistics re-estimated on the train split;
 - baselines built from the training members with the samples' count, each as built and ``+ BN``:
   members plus noise at several scales, a per-value Gaussian fitted to the members, interpolations
-  of member pairs, soups of k members (``baselines.py``);
+  of member pairs, soups of k members, unit mosaics (every unit from a random member; ``baselines.py``);
 - ``zoo``: the training members, each against the others.
 
 The headline is the share of a set's models that are *accurate* (at least the held-out members'
@@ -40,6 +40,7 @@ from .flow.generator import GeneratorConfig, read_generator_config
 from .flow.sample import MANIFEST_JSON, reason_text, rejection_counts
 from .metrics import ensemble_curve, ensemble_draws, has_batchnorm, mean_disagreement, per_model_metrics, recalibrated, stacked_logits
 from .novelty import Reference, accurate_and_novel, novelty, reference, summary
+from .permute.groups import PermSpec
 from .outputs import atomic_write_json, refuse_overlap
 from .progress import SILENT, Progress
 from .tables import Summary, TextTable, pct
@@ -151,7 +152,8 @@ def evaluate_models(target: Path, zoo_path: Path | None, options: EvalOptions, d
         progress.advance()
         return _report(target, zoo_path, judge)
     train, holdout = _training_members(inputs.zoo, inputs.generator)
-    judge.reference = _reference(judge, train, holdout)
+    groups = _groups(judge)
+    judge.reference = reference(train, holdout, judge.logits(train), judge.labels, judge.keys, groups, options.rematch)
     judge.measure(inputs.label, states, recalibrate=recalibrate and inputs.is_samples)
     del states
     progress.advance()
@@ -163,7 +165,8 @@ def evaluate_models(target: Path, zoo_path: Path | None, options: EvalOptions, d
         progress.advance()
     if options.baselines and len(train) >= 2:
         builders = list(baseline_builders(train, len(inputs.models.members), options.noise_scales,
-                                          options.soup_k, judge.keys, torch.Generator().manual_seed(options.seed)))
+                                          options.soup_k, judge.keys, torch.Generator().manual_seed(options.seed),
+                                          groups))
         progress.stage("baselines", len(builders))
         for name, build in builders:
             judge.measure(name, build(), baseline=True, recalibrate=recalibrate)
@@ -171,11 +174,11 @@ def evaluate_models(target: Path, zoo_path: Path | None, options: EvalOptions, d
     return _report(target, zoo_path, judge)
 
 
-def _reference(judge: _Judge, train: list[StateDict], holdout: list[StateDict]) -> Reference:
+def _groups(judge: _Judge) -> PermSpec:
+    """Return the permutation groups of the evaluated architecture (for re-matching and the unit mosaic)."""
     from .permute.groups import derive_groups
 
-    spec = derive_groups(judge.inputs.models.spec.create("cpu"), judge.inputs.data.input_size)
-    return reference(train, holdout, judge.logits(train), judge.labels, judge.keys, spec, judge.options.rematch)
+    return derive_groups(judge.inputs.models.spec.create("cpu"), judge.inputs.data.input_size)
 
 
 def _open_inputs(target: Path, zoo_path: Path | None, options: EvalOptions) -> _Inputs:
