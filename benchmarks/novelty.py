@@ -142,7 +142,7 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(), "cpus": len(os.sched_getaffinity(0)),
         "versions": {"wgen": wgen.__version__, "torch": torch.__version__, "timm": timm.__version__},
         "stages": results, "rows": rows, "matched_noise": report["matched_noise"], "headline": report["headline"],
-        "bars": bars(report), "report": str(report_path),
+        "bars": bars(report), "ensemble_gap": report.get("ensemble_gap"), "report": str(report_path),
     }, indent=2, default=str))
 
 

@@ -265,13 +265,49 @@ def test_batchnorm_reestimated_channels_last_equals_the_plain_layout(chain: dict
 
 
 def test_ensemble_draws_average_random_subsets() -> None:
-    from wgen.metrics import ensemble_draws
+    from wgen.metrics import draw_summary, ensemble_hits
 
     labels = torch.zeros(20, dtype=torch.long)
     right, wrong = torch.tensor([5.0, 0.0]).expand(20, 2), torch.tensor([0.0, 5.0]).expand(20, 2)
-    draws = ensemble_draws(torch.stack([right, wrong]), labels, size=1, draws=400)
+    draws = draw_summary(ensemble_hits(torch.stack([right, wrong]), labels, size=1, draws=400))
     assert draws is not None and draws["min"] == 0.0 and draws["max"] == 1.0 and draws["draws"] == 400
     assert 0.4 < draws["mean"] < 0.6  # each single-model draw is the right model half the time
     four = torch.stack([right, right, right, wrong * 2])  # three right models and a surer wrong one
-    assert ensemble_draws(four, labels, size=3)["mean"] == 1.0  # a majority of every 3 is right
-    assert ensemble_draws(four, labels, size=5) is None  # fewer models than the ensemble
+    assert draw_summary(ensemble_hits(four, labels, size=3))["mean"] == 1.0  # a majority of every 3 is right
+    assert ensemble_hits(four, labels, size=5) is None and draw_summary(None) is None  # fewer models than asked
+
+
+def test_grouped_bootstrap_resamples_whole_groups() -> None:
+    from wgen.metrics import grouped_bootstrap
+
+    differences = torch.cat([torch.ones(50), torch.zeros(50)])
+    apart = grouped_bootstrap(differences, torch.arange(100))  # 100 independent examples
+    assert apart["difference"] == 0.5 and apart["groups"] == 100
+    assert 0.35 < apart["ci95"][0] < 0.45 and 0.55 < apart["ci95"][1] < 0.65
+    together = grouped_bootstrap(differences, torch.arange(100) // 50)  # two groups of 50 alike examples
+    assert together["groups"] == 2 and together["ci95"] == [0.0, 1.0]  # only 2 originals: nothing is known
+    constant = grouped_bootstrap(torch.full((30,), 0.25), torch.arange(30) // 3)
+    assert constant["ci95"] == pytest.approx([0.25, 0.25])
+
+
+def test_eval_reports_the_ensemble_gap_to_the_matched_noise(tiny_generator: Path, random_zoo: Path, tmp_path: Path,
+                                                           run_cli) -> None:
+    samples = tmp_path / "samples"
+    assert run_cli("sample", tiny_generator, "-n", "16", "-o", samples, "--min-radius", "0").exit_code == 0
+    result = run_cli("eval", samples, "--zoo", random_zoo, "-d", "digits", "--noise-scales", "0.05",
+                     "--out", tmp_path / "report.json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    sets, gap = report["sets"], report["ensemble_gap"]
+    assert report["matched_noise"] == {"raw": "noise 0.05", "bn": "noise 0.05 + BN"}
+    for key, suffix in (("raw", ""), ("bn", " + BN")):
+        ours, theirs = sets["samples" + suffix], sets["noise 0.05" + suffix]
+        assert gap[key]["noise"] == "noise 0.05" + suffix
+        first, drawn = gap[key]["first_16"], gap[key]["mean_of_draws"]
+        assert first["difference"] == pytest.approx(ours["ensemble_16"] - theirs["ensemble_16"], abs=1e-6)
+        assert drawn["difference"] == pytest.approx(ours["ensemble_16_draws"]["mean"]
+                                                    - theirs["ensemble_16_draws"]["mean"], abs=1e-6)
+        for g in (first, drawn):
+            assert g["ci95"][0] <= g["difference"] <= g["ci95"][1] and g["groups"] == 359
+    text = " ".join(result.stdout.split())
+    assert "ensemble of 16, samples minus noise 0.05: first 16" in text and "resampling 359 groups of examples" in text

@@ -20,7 +20,8 @@ with a training member no higher than the held-out members' median), for every s
 scale included. The *matched* noise, the largest scale whose mean accuracy still reaches the
 samples' (or the most accurate scale when none does), with and without BN, is the one whose
 ensemble of 16 the samples' is compared with: the first 16 models of each set, and the mean over 200
-random draws of 16 (``ensemble_16_draws``), the expected accuracy of which the first 16 are one draw.
+random draws of 16 (``ensemble_16_draws``), the expected accuracy of which the first 16 are one draw;
+each gap with a 95% interval over the split's examples (``ensemble_gap``), resampled group by group.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from .errors import WgenError
 from .limits import check, check_all
 from .flow.generator import GeneratorConfig, read_generator_config
 from .flow.sample import MANIFEST_JSON, reason_text, rejection_counts
-from .metrics import ensemble_curve, ensemble_draws, has_batchnorm, mean_disagreement, per_model_metrics, recalibrated, stacked_logits
+from .metrics import (draw_summary, ensemble_curve, ensemble_hits, grouped_bootstrap, has_batchnorm, mean_disagreement,
+                      per_model_metrics, recalibrated, stacked_logits)
 from .novelty import Reference, accurate_and_novel, novelty, reference, summary
 from .permute.groups import PermSpec
 from .outputs import atomic_write_json, refuse_overlap
@@ -108,6 +110,8 @@ class _Judge:
         self.labels = inputs.data.source.labels(inputs.data.indices[options.split])
         self.reference: Reference | None = None
         self.sets: dict[str, dict[str, Any]] = {}
+        # per set, per example: is the ensemble of 16 right (the first 16; the share of random draws)?
+        self.hits: dict[str, dict[str, torch.Tensor]] = {}
 
     def logits(self, states: list[StateDict]) -> torch.Tensor:
         """Return the logits ``[models, examples, classes]`` of ``states`` on the evaluation split."""
@@ -121,20 +125,24 @@ class _Judge:
             variants.append((name + BN, recalibrated(self.inputs.models.spec, states, self.inputs.data, self.device)))
         for label, variant in variants:
             logits = self.logits(variant)
-            self.sets[label] = {**self._quality(logits), "baseline": baseline, "bn_reestimated": label.endswith(BN)}
+            self.sets[label] = {**self._quality(label, logits), "baseline": baseline,
+                                "bn_reestimated": label.endswith(BN)}
             if self.reference is not None:
                 measures = novelty(variant, logits, self.labels, self.reference, exclude_self)
                 self.sets[label].update(_novelty_report(measures))
 
-    def _quality(self, logits: torch.Tensor) -> dict[str, Any]:
+    def _quality(self, label: str, logits: torch.Tensor) -> dict[str, Any]:
         metrics = per_model_metrics(logits, self.labels)
         curve = ensemble_curve(logits, self.labels)
         sixteen = next((p["accuracy"] for p in curve if p["size"] == ENSEMBLE_SIZE), None)
-        draws = ensemble_draws(logits, self.labels, ENSEMBLE_SIZE, seed=self.options.seed)
+        hits = ensemble_hits(logits, self.labels, ENSEMBLE_SIZE, seed=self.options.seed)
+        if hits is not None:
+            first = logits[:ENSEMBLE_SIZE].softmax(dim=-1).mean(dim=0).argmax(-1) == self.labels
+            self.hits[label] = {"first_16": first.float(), "mean_of_draws": hits.float().mean(dim=0)}
         return {"models": len(logits), **{k: summary(v) for k, v in metrics.items()},
                 "per_model_accuracy": [float(a) for a in metrics["accuracy"]], "ensemble": curve,
                 f"ensemble_{ENSEMBLE_SIZE}": sixteen,
-                f"ensemble_{ENSEMBLE_SIZE}_draws": draws,
+                f"ensemble_{ENSEMBLE_SIZE}_draws": draw_summary(hits),
                 "disagreement": mean_disagreement(logits)}
 
 
@@ -251,6 +259,7 @@ def _report(target: Path, zoo_path: Path | None, judge: _Judge) -> dict[str, Any
         report["yardstick"] = _yardstick(judge.sets, options)
         report["matched_noise"] = _matched_noise(judge.sets, inputs.label)
         report["headline"] = _headline(report)
+        report["ensemble_gap"] = _ensemble_gap(judge, report["matched_noise"])
     return report
 
 
@@ -274,6 +283,24 @@ def _matched_noise(sets: dict[str, dict[str, Any]], label: str) -> dict[str, str
         reaching = [n for n in noise if sets[n]["accuracy"]["mean"] >= target]
         out[key] = reaching[-1] if reaching else max(noise, key=lambda n: sets[n]["accuracy"]["mean"], default=None)
     return out
+
+
+def _ensemble_gap(judge: _Judge, matched: dict[str, str | None]) -> dict[str, Any]:
+    """Return, against each matched noise set (raw, ``+ BN``), the samples' ensemble-of-16 accuracy minus the
+    noise set's, for the first 16 and the mean of draws, with a 95% interval resampling the split's example
+    groups (every rendering of one original together)."""
+    data, split = judge.inputs.data, judge.options.split
+    groups = data.source.groups
+    groups = torch.as_tensor(groups[data.indices[split]] if groups is not None else range(len(judge.labels)))
+    gaps = {}
+    for key, suffix in (("raw", ""), ("bn", BN)):
+        ours = judge.hits.get(judge.inputs.label + suffix, judge.hits.get(judge.inputs.label))
+        theirs = judge.hits.get(matched[key] or "")
+        if ours is not None and theirs is not None:
+            gaps[key] = {"noise": matched[key], **{what: grouped_bootstrap(ours[what] - theirs[what], groups,
+                                                                           seed=judge.options.seed)
+                                                   for what in ours}}
+    return gaps
 
 
 def _headline(report: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -330,8 +357,17 @@ def eval_summary(report: dict[str, Any], out: Path | None, plot: Path | None) ->
         m = report["sampling"]
         after.append(f"samples: {m['asked']} asked, {m['rejected']} rejected"
                      + (f" ({reason_text(m['reasons'])})" if m["reasons"] else "") + ": the sets above hold the rest")
+    after += [_gap_text(report["set"], gap) for gap in report.get("ensemble_gap", {}).values()]
     after += [f"{what}: {path}" for path, what in ((out, "report"), (plot, "figure")) if path is not None]
     return Summary(tables=tables, after=after)
+
+
+def _gap_text(label: str, gap: dict[str, Any]) -> str:
+    parts = [f"{what.replace('_', ' ')} {100 * g['difference']:+.2f} points (95% interval {100 * g['ci95'][0]:+.2f} "
+             f"to {100 * g['ci95'][1]:+.2f})" for what, g in gap.items() if what != "noise"]
+    groups = next(g["groups"] for what, g in gap.items() if what != "noise")
+    return (f"ensemble of {ENSEMBLE_SIZE}, {label} minus {gap['noise']}: " + "; ".join(parts)
+            + f", resampling {groups} groups of examples")
 
 
 def _mean_and_std(draws: dict[str, float] | None) -> str:

@@ -171,21 +171,46 @@ def ensemble_curve(logits: torch.Tensor, labels: torch.Tensor) -> list[dict[str,
     return curve
 
 
-def ensemble_draws(logits: torch.Tensor, labels: torch.Tensor, size: int, draws: int = 200,
-                   seed: int = 0) -> dict[str, float] | None:
-    """Return the accuracy of the mean prediction of ``size`` models drawn at random (without replacement),
-    over ``draws`` seeded draws: mean, std, min and max; None when there are fewer than ``size`` models.
-
-    The expected accuracy of an ensemble of ``size`` from the set, where ``ensemble_curve``'s first ``size``
-    models are one draw of it.
-    """
+def ensemble_hits(logits: torch.Tensor, labels: torch.Tensor, size: int, draws: int = 200,
+                  seed: int = 0) -> torch.Tensor | None:
+    """Return ``[draws, examples]``: whether the mean prediction of ``size`` models drawn at random (without
+    replacement, ``draws`` seeded draws) is right on each example; None when there are fewer than ``size``."""
     if len(logits) < size:
         return None
     probs, generator = logits.softmax(dim=-1), torch.Generator().manual_seed(seed)
-    accuracy = torch.stack([(probs[torch.randperm(len(probs), generator=generator)[:size]].mean(dim=0).argmax(-1)
-                             == labels).float().mean() for _ in range(draws)])
+    return torch.stack([probs[torch.randperm(len(probs), generator=generator)[:size]].mean(dim=0).argmax(-1) == labels
+                        for _ in range(draws)])
+
+
+def draw_summary(hits: torch.Tensor | None) -> dict[str, float] | None:
+    """Return the accuracy over ``ensemble_hits``' draws: mean, std, min, max and the number of draws.
+
+    The expected accuracy of an ensemble of that size from the set, where ``ensemble_curve``'s first
+    models are one draw of it.
+    """
+    if hits is None:
+        return None
+    accuracy = hits.float().mean(dim=1)
     return {"mean": float(accuracy.mean()), "std": float(accuracy.std()), "min": float(accuracy.min()),
-            "max": float(accuracy.max()), "draws": draws}
+            "max": float(accuracy.max()), "draws": len(hits)}
+
+
+def grouped_bootstrap(differences: torch.Tensor, groups: torch.Tensor, resamples: int = 2000,
+                      seed: int = 0) -> dict[str, Any]:
+    """Return the mean of per-example ``differences`` and its 95% interval, resampling whole ``groups``.
+
+    Examples of one group (renderings of one digit) are not independent: resampling them together keeps
+    the interval from claiming more certainty than the distinct originals give.
+    """
+    _, group = torch.unique(groups, return_inverse=True)
+    count = int(group.max()) + 1
+    sums = torch.zeros(count, dtype=torch.float64).index_add_(0, group, differences.double())
+    sizes = torch.bincount(group, minlength=count).double()
+    pick = torch.randint(count, (resamples, count), generator=torch.Generator().manual_seed(seed))
+    means = sums[pick].sum(dim=1) / sizes[pick].sum(dim=1)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"difference": float(differences.double().mean()), "ci95": [low, high], "groups": count,
+            "resamples": resamples}
 
 
 def mean_disagreement(logits: torch.Tensor) -> float:
