@@ -69,6 +69,7 @@ def loop_recalibrated(spec: ModelSpec, states: list[dict[str, torch.Tensor]], da
 
 
 def timed(run, *args):
+    """Return ``run(*args)`` and the seconds it took."""
     start = time.perf_counter()
     result = run(*args)
     return result, time.perf_counter() - start
@@ -87,12 +88,9 @@ def main() -> None:
     labels = data.tensors("test")[1]
     model = spec.create(device).eval()
     stacked_logits(model, states[:2], data, "test", device)  # warm-up
-    start = time.perf_counter()
-    batched = per_model_metrics(stacked_logits(model, states, data, "test", device), labels)["accuracy"].tolist()
-    batched_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    looped = loop_accuracies(spec, states, data, device)
-    loop_seconds = time.perf_counter() - start
+    logits, batched_seconds = timed(stacked_logits, model, states, data, "test", device)
+    batched = per_model_metrics(logits, labels)["accuracy"].tolist()
+    looped, loop_seconds = timed(loop_accuracies, spec, states, data, device)
     bn_states = states[:args.bn_count]
     recalibrated(spec, bn_states[:1], data, device)  # warm-up
     ours, bn_seconds = timed(recalibrated, spec, bn_states, data, device)

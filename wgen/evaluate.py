@@ -42,8 +42,8 @@ from .flow.sample import MANIFEST_JSON, reason_text, rejection_counts
 from .metrics import (draw_summary, ensemble_curve, ensemble_hits, grouped_bootstrap, has_batchnorm, mean_disagreement,
                       per_model_metrics, recalibrated, stacked_logits)
 from .novelty import Reference, accurate_and_novel, novelty, reference, summary
-from .permute.groups import PermSpec
 from .outputs import atomic_write_json, refuse_overlap
+from .permute.groups import PermSpec, derive_groups
 from .progress import SILENT, Progress
 from .tables import Summary, TextTable, pct
 from .version import __version__
@@ -184,8 +184,6 @@ def evaluate_models(target: Path, zoo_path: Path | None, options: EvalOptions, d
 
 def _groups(judge: _Judge) -> PermSpec:
     """Return the permutation groups of the evaluated architecture (for re-matching and the unit mosaic)."""
-    from .permute.groups import derive_groups
-
     return derive_groups(judge.inputs.models.spec.create("cpu"), judge.inputs.data.input_size)
 
 

@@ -82,8 +82,8 @@ def recalibrated(spec: Any, states: list[StateDict], data: SplitData, device: to
 
 
 def cpu_layout(data: SplitData, device: torch.device) -> torch.memory_format:
-    """Return the memory format passes over ``data`` run fastest in: channels-last for images on CPU (1.9x
-    for BatchNorm re-estimation of test_resnet, 1 thread), the default elsewhere."""
+    """Return the memory format passes over ``data`` run fastest in: channels-last for images on CPU (1.7-1.8x
+    for BatchNorm re-estimation of test_resnet, benchmarks/eval.py), the default elsewhere."""
     return torch.channels_last if device.type == "cpu" and len(data.input_size) == 3 else torch.contiguous_format
 
 
