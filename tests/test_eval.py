@@ -290,6 +290,15 @@ def test_grouped_bootstrap_resamples_whole_groups() -> None:
     assert constant["ci95"] == pytest.approx([0.25, 0.25])
 
 
+def test_grouped_bootstrap_in_chunks_draws_what_it_draws_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from wgen import metrics
+
+    differences, groups = torch.randn(300, generator=torch.Generator().manual_seed(0)), torch.arange(300) // 2
+    at_once = metrics.grouped_bootstrap(differences, groups)
+    monkeypatch.setattr(metrics, "BOOTSTRAP_INDICES", 7 * 150)  # 7 resamples of 150 groups a chunk, the last short
+    assert metrics.grouped_bootstrap(differences, groups) == at_once
+
+
 def test_eval_reports_the_ensemble_gap_to_the_matched_noise(tiny_generator: Path, random_zoo: Path, tmp_path: Path,
                                                            run_cli) -> None:
     samples = tmp_path / "samples"

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from .data import SplitData
 
 StateDict = dict[str, torch.Tensor]
+BOOTSTRAP_INDICES = 1 << 22  # group indices a bootstrap holds at once (32 MB)
 
 
 @torch.no_grad()
@@ -206,8 +207,13 @@ def grouped_bootstrap(differences: torch.Tensor, groups: torch.Tensor, resamples
     count = int(group.max()) + 1
     sums = torch.zeros(count, dtype=torch.float64).index_add_(0, group, differences.double())
     sizes = torch.bincount(group, minlength=count).double()
-    pick = torch.randint(count, (resamples, count), generator=torch.Generator().manual_seed(seed))
-    means = sums[pick].sum(dim=1) / sizes[pick].sum(dim=1)
+    generator, step, chunks = torch.Generator().manual_seed(seed), max(1, BOOTSTRAP_INDICES // count), []
+    # resamples drawn in chunks, the same draws as at once: one [resamples, groups] index would take
+    # gigabytes on a 50,000-image split without groups
+    for start in range(0, resamples, step):
+        pick = torch.randint(count, (min(step, resamples - start), count), generator=generator)
+        chunks.append(sums[pick].sum(dim=1) / sizes[pick].sum(dim=1))
+    means = torch.cat(chunks)
     low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return {"difference": float(differences.double().mean()), "ci95": [low, high], "groups": count,
             "resamples": resamples}
