@@ -64,6 +64,16 @@ def invoke(*args: object):
     return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
+def drawn_generator(canon: Path, root: Path, space: str, space_args: str, samples: int) -> dict[str, Path]:
+    """Train a generator of ``space`` (settings ``space_args``, 1 member in 5 held out) on ``canon`` into
+    ``root / "gen"`` and draw ``samples`` samples into ``root / "samples"``; return the three folders."""
+    for args in (("train", canon, "-o", root / "gen", "--space", space, "--space-args", space_args, "--holdout", "0.2"),
+                 ("sample", root / "gen", "-n", str(samples), "-o", root / "samples")):
+        result = invoke(*args)
+        assert result.exit_code == 0, result.output
+    return {"canon": canon, "gen": root / "gen", "samples": root / "samples"}
+
+
 @pytest.fixture
 def run_cli():
     """The in-process CLI runner, as a fixture."""

@@ -25,15 +25,10 @@ def test_noise_becomes_dirichlet_one_proportions() -> None:
 @pytest.fixture(scope="module")
 def subspace(chain: dict[str, Path], tmp_path_factory) -> dict[str, Path]:
     """A subspace generator on the digits chain's canonical zoo (5 corners, 1 held out) and 6 samples of it."""
-    from conftest import invoke
+    from conftest import drawn_generator
 
-    root = tmp_path_factory.mktemp("subspace")
-    for args in (("train", chain["canon"], "-o", root / "gen", "--space", "subspace", "--space-args",
-                  '{"epochs": 20, "lr": 0.001, "warmup_steps": 20}', "--holdout", "0.2"),
-                 ("sample", root / "gen", "-n", "6", "-o", root / "samples")):
-        result = invoke(*args)
-        assert result.exit_code == 0, result.output
-    return {"canon": chain["canon"], "gen": root / "gen", "samples": root / "samples"}
+    return drawn_generator(chain["canon"], tmp_path_factory.mktemp("subspace"), "subspace",
+                           '{"epochs": 20, "lr": 0.001, "warmup_steps": 20}', 6)
 
 
 def test_subspace_samples_are_calibrated_loadable_accurate_and_away_from_members(subspace: dict[str, Path],

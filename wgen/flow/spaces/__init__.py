@@ -25,6 +25,7 @@ SPACES = Registry("weight space", "--space", {
     "pca": "wgen.flow.spaces.pca:PCASpace",
     "units": "wgen.flow.spaces.units:UnitSpace",
     "subspace": "wgen.flow.spaces.subspace:SubspaceSpace",
+    "codes": "wgen.flow.spaces.codes:CodeSpace",
 })
 AUTO = "auto"
 FULL_SPACE_MAX_DIM = 50_000

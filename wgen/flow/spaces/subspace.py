@@ -27,7 +27,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -131,7 +131,7 @@ class SubspaceSpace(WeightSpace):
         params, losses, seconds = _train_corners(chosen, options, context)
         rows = [layout.flatten({**state, **{k: v[i].detach().cpu() for k, v in params.items()}})
                 for i, state in enumerate(chosen)]
-        training = {**asdict(options), "corners": count, "steps": len(losses), "final_loss": round(_recent(losses), 5),
+        training = {**asdict(options), "corners": count, "steps": len(losses), "final_loss": round(recent_loss(losses), 5),
                     "seconds": round(seconds, 2)}
         return cls(layout, torch.stack(rows).to(context.device), training)
 
@@ -174,37 +174,47 @@ class SubspaceSpace(WeightSpace):
 
 def _train_corners(states: list[StateDict], options: SubspaceOptions, context: FitContext
                    ) -> tuple[dict[str, torch.Tensor], list[float], float]:
-    """Return the trained corners' parameters ``{name: [K, ...]}``, the loss of every step and the seconds
-    of every segment; resumes from (and every ``CHECKPOINT_EVERY`` steps writes) ``context.checkpoints``.
-
-    Step ``s`` sees the batches of epoch ``s // per_epoch`` in the order seeded by that epoch, and mixes the
-    corners by noise seeded by ``s``: a resumed run takes exactly the steps an uninterrupted one would.
-    With several simplices the batch is split among them in order, one loss summed over the parts.
-    """
-    device, data, count, simplices = context.device, context.data, len(states), options.simplices
+    """Return the trained corners' parameters ``{name: [K, ...]}``, the loss of every step and the seconds spent."""
+    device = context.device
     torch.manual_seed(context.seed)
     model = context.spec.create(device).train()
     names = [name for name, _ in model.named_parameters()]
     params = {k: torch.stack([s[k] for s in states]).to(device).float().requires_grad_(True) for k in names}
     # Buffers (BatchNorm statistics) are the first corner's: training mode normalises with batch statistics.
     buffers = {k: v.to(device).clone() for k, v in states[0].items() if k not in params}
+    losses, seconds = train_mixtures(params, lambda mix, x, y: _mixed_loss(model, params, buffers, mix, x, y),
+                                     len(states), options, context, "subspace", "corners.")
+    return params, losses, seconds
+
+
+def train_mixtures(params: dict[str, torch.Tensor], mixed_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                   torch.Tensor], corners: int, options: SubspaceOptions, context: FitContext, stage: str,
+                   prefix: str) -> tuple[list[float], float]:
+    """Train ``params`` (AdamW, warmup and cosine) on ``mixed_loss(mix, x, y)`` of the train split's batches, ``mix``
+    ``[simplices, corners // simplices]`` fresh Dirichlet(1) proportions every step; return the loss of every step
+    and the seconds spent. Resumes from (and every ``CHECKPOINT_EVERY`` steps writes, tensors under ``prefix``)
+    ``context.checkpoints``.
+
+    Step ``s`` sees the batches of epoch ``s // per_epoch`` in the order seeded by that epoch, and mixes the
+    corners by noise seeded by ``s``: a resumed run takes exactly the steps an uninterrupted one would.
+    """
+    device, data, simplices = context.device, context.data, options.simplices
     optimizer = torch.optim.AdamW(params.values(), lr=options.lr, weight_decay=options.weight_decay)
     examples = len(data.indices["train"])
     smallest = 2 * simplices  # every simplex's part of a batch needs 2 examples for batch statistics
     per_epoch = examples // options.batch_size + (examples % options.batch_size >= smallest)
     total = max(1, math.ceil(options.epochs * per_epoch))
-    losses, earlier = _resume(context.checkpoints, params, optimizer, device, simplices)
+    losses, earlier = _resume(context.checkpoints, params, optimizer, device, simplices, prefix)
     started = time.perf_counter()
-    context.progress.stage("subspace", total, len(losses))
+    context.progress.stage(stage, total, len(losses))
     while len(losses) < total:
         epoch, offset = divmod(len(losses), per_epoch)
         order = torch.Generator().manual_seed(context.seed * EPOCH_SEEDS + epoch)
         usable = (batch for batch in data.batches("train", options.batch_size, order) if len(batch[1]) >= smallest)
         for x, y in itertools.islice(usable, offset, None):
             step = len(losses)
-            noise = torch.randn(count, generator=torch.Generator().manual_seed(context.seed * STEP_SEEDS + step))
-            loss = _mixed_loss(model, params, buffers, proportions(noise.view(simplices, -1)).to(device),
-                               x.to(device), y.to(device))
+            noise = torch.randn(corners, generator=torch.Generator().manual_seed(context.seed * STEP_SEEDS + step))
+            loss = mixed_loss(proportions(noise.view(simplices, -1)).to(device), x.to(device), y.to(device))
             for group in optimizer.param_groups:
                 group["lr"] = warmup_cosine(step, options.lr, options.warmup_steps, total)
             optimizer.zero_grad(set_to_none=True)
@@ -212,17 +222,18 @@ def _train_corners(states: list[StateDict], options: SubspaceOptions, context: F
             optimizer.step()
             losses.append(float(loss.detach()))
             if not math.isfinite(losses[-1]):
-                raise WgenError(f"subspace training diverged (loss {losses[-1]}) at step {len(losses)}",
-                                "lower the subspace lr (--space-args '{\"lr\": 1e-4}')")
-            context.progress.advance(1, f"loss {_recent(losses):.4f}")
+                raise WgenError(f"{stage} training diverged (loss {losses[-1]}) at step {len(losses)}",
+                                "lower the lr (--space-args '{\"lr\": 1e-4}')")
+            context.progress.advance(1, f"loss {recent_loss(losses):.4f}")
             seconds = earlier + time.perf_counter() - started
             if context.checkpoints is not None and (len(losses) % CHECKPOINT_EVERY == 0 or len(losses) == context.stop_after):
-                _save(context.checkpoints, params, optimizer, losses, seconds, {**context.meta, "simplices": simplices})
+                _save(context.checkpoints, params, optimizer, losses, seconds, {**context.meta, "simplices": simplices},
+                      prefix)
             if context.stop_after is not None and len(losses) >= context.stop_after:
                 raise FitStopped
             if len(losses) == total:
                 break
-    return params, losses, earlier + time.perf_counter() - started
+    return losses, earlier + time.perf_counter() - started
 
 
 def _mixed_loss(model: torch.nn.Module, params: dict[str, torch.Tensor], buffers: StateDict, mix: torch.Tensor,
@@ -230,28 +241,36 @@ def _mixed_loss(model: torch.nn.Module, params: dict[str, torch.Tensor], buffers
     """Return the cross-entropy of the batch ``(x, y)`` split among the simplices: part ``s`` goes through the
     network at proportions ``mix[s]`` of simplex ``s``'s corners (``params`` hold them simplex by simplex)."""
     simplices, k = mix.shape
+    return split_loss(model, lambda s: {name: torch.tensordot(mix[s], v[s * k:(s + 1) * k], dims=1)
+                                        for name, v in params.items()}, buffers, simplices, x, y)
+
+
+def split_loss(model: torch.nn.Module, network: Callable[[int], StateDict], buffers: StateDict, simplices: int,
+               x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Return the cross-entropy of the batch ``(x, y)`` split in ``simplices`` parts in order, part ``s`` through
+    the parameters ``network(s)`` (with ``buffers``), each part weighed by its share of the batch."""
     loss = x.new_zeros(())
     for s, (xs, ys) in enumerate(zip(x.tensor_split(simplices), y.tensor_split(simplices))):
-        weights = {name: torch.tensordot(mix[s], v[s * k:(s + 1) * k], dims=1) for name, v in params.items()}
-        loss = loss + F.cross_entropy(functional_call(model, {**weights, **buffers}, (xs,)), ys) * (len(ys) / len(y))
+        loss = loss + F.cross_entropy(functional_call(model, {**network(s), **buffers}, (xs,)), ys) * (len(ys) / len(y))
     return loss
 
 
-def _recent(losses: list[float]) -> float:
+def recent_loss(losses: list[float]) -> float:
+    """Return the mean loss of the last ``LOSS_WINDOW`` steps."""
     recent = losses[-LOSS_WINDOW:]
     return sum(recent) / max(1, len(recent))
 
 
 def _save(folder: Path, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, losses: list[float],
-          seconds: float, meta: dict[str, Any]) -> None:
+          seconds: float, meta: dict[str, Any], prefix: str) -> None:
     tensors, groups = optimizer_tensors(optimizer)
-    tensors.update({f"corners.{k}": v.detach().cpu() for k, v in params.items()})
+    tensors.update({f"{prefix}{k}": v.detach().cpu() for k, v in params.items()})
     write_state(folder, tensors, {"step": len(losses), "losses": losses, "seconds": seconds, "param_groups": groups,
                                   **meta})
 
 
 def _resume(folder: Path | None, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-            device: torch.device, simplices: int) -> tuple[list[float], float]:
+            device: torch.device, simplices: int, prefix: str) -> tuple[list[float], float]:
     """Restore a checkpoint of ``folder`` into ``params`` and ``optimizer``; return its losses and seconds.
 
     A checkpoint of another number of simplices (say, written before the default changed) is refused."""
@@ -264,7 +283,7 @@ def _resume(folder: Path | None, params: dict[str, torch.Tensor], optimizer: tor
         raise WgenError(f"{folder}: a checkpoint of {saved_simplices} simplices, and this run trains {simplices}",
                         "pass --force to start again (a checkpoint of an older wgen, whose default was one simplex)")
     with torch.no_grad():
-        for k, v in part(tensors, "corners.").items():
+        for k, v in part(tensors, prefix).items():
             params[k].copy_(v.to(device))
     load_optimizer(optimizer, tensors, info["param_groups"], device)
     return list(info["losses"]), float(info["seconds"])

@@ -34,6 +34,15 @@ class UnitOptions:
     center: bool = True  # measure every value from the zoo's mean member (handed to the net as a template)
 
 
+def unit_groups(context: FitContext, layout: Layout) -> list[GroupAxes]:
+    """Return the axes of each permutation group of the zoo's network that index modelled tensors of ``layout``
+    (groups a permutation may only move within blocks, GroupNorm's, left out)."""
+    spec = derive_groups(context.spec.create("cpu"), context.input_size)
+    keys = {slot.key for slot in layout.slots}
+    groups = [[(k, a) for k, a in g.axes if k in keys] for g in spec.groups if g.blocks == 1]
+    return [g for g in groups if g]
+
+
 class UnitSpace(FullSpace):
     """Whole raw vectors scaled per tensor, with the permutation groups a structure-aware net needs."""
 
@@ -56,9 +65,7 @@ class UnitSpace(FullSpace):
         for slot in layout.slots:
             part = raw[:, slot.offset:slot.offset + slot.size] - mean[slot.offset:slot.offset + slot.size]
             scale[slot.offset:slot.offset + slot.size] = part.pow(2).mean().sqrt().clamp_min(MIN_SCALE)
-        spec = derive_groups(context.spec.create("cpu"), context.input_size)
-        groups = [[(k, a) for k, a in g.axes if k in {s.key for s in layout.slots}] for g in spec.groups if g.blocks == 1]
-        return cls(layout, Normalization(mean, scale), [g for g in groups if g], options.center)
+        return cls(layout, Normalization(mean, scale), unit_groups(context, layout), options.center)
 
     @classmethod
     def load(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> UnitSpace:

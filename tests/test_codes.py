@@ -1,0 +1,128 @@
+"""The codes generator: per-unit codes decoded by a shared decoder, on a random base; samples that load and work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from wgen.checkpoints import ModelSpec
+from wgen.flow.spaces.base import FitContext, Layout
+from wgen.flow.spaces.codes import CodeOptions, Decoder, plans_of, random_bases, stored_values
+from wgen.flow.spaces.units import unit_groups
+
+
+def _resnet_plans() -> tuple[Layout, list[list[tuple[str, int]]], list]:
+    spec = ModelSpec("test_resnet", 10, {})
+    layout = Layout.from_state(spec.create("cpu").state_dict())
+    groups = unit_groups(FitContext(torch.device("cpu"), spec, (3, 32, 32)), layout)
+    return layout, groups, plans_of(layout, groups)
+
+
+def test_permuting_a_groups_codes_permutes_the_decoded_network_along_that_groups_axes() -> None:
+    layout, groups, plans = _resnet_plans()
+    scales = {p.slot.key: 1.0 for p in plans}
+    decoder = Decoder(plans, scales, {})  # no base: the decoded change alone is equivariant
+    sizes = [layout.unflatten(torch.zeros(layout.dim))[axes[0][0]].shape[axes[0][1]] for axes in groups]
+    generator = torch.Generator().manual_seed(0)
+    params = Decoder.init(plans, 8, 16, {p.slot.key: 0.5 for p in plans}, generator)
+    params = {k: v + 0.3 * torch.randn(v.shape, generator=generator) for k, v in params.items()}  # out is 0 at init
+    codes = [torch.randn(1, n, 8, generator=generator) for n in sizes]
+    free = {p.slot.key: torch.randn(1, *p.slot.shape, generator=generator) for p in plans if p.free}
+    g = max(range(len(groups)), key=lambda i: len(groups[i]))  # the group of most axes
+    perm = torch.randperm(sizes[g], generator=generator)
+    before = decoder.tensors(params, codes, free, torch.zeros(1, dtype=torch.long))
+    codes[g] = codes[g][:, perm]
+    after = decoder.tensors(params, codes, free, torch.zeros(1, dtype=torch.long))
+    moved = 0
+    for key, value in before.items():
+        expected = value[0]
+        for k, axis in groups[g]:
+            if k == key:
+                expected = expected.index_select(axis, perm)
+                moved += 1
+        torch.testing.assert_close(after[key][0], expected, atol=1e-5, rtol=1e-5)
+    assert moved == sum(k in before for k, _ in groups[g]) >= 9  # every decoded axis of the group (not BN statistics)
+
+
+def test_bases_are_drawn_on_the_cpu_from_the_seed_one_per_simplex() -> None:
+    _, _, plans = _resnet_plans()
+    scales = {p.slot.key: 2.0 for p in plans}
+    a, b = random_bases(plans, scales, 3, 2), random_bases(plans, scales, 3, 2)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    conv = a["layer1.0.conv1.weight"]
+    assert conv.shape == (2, 32, 32, 3, 3) and not torch.equal(conv[0], conv[1])
+    assert float(conv.std()) == pytest.approx(2.0, rel=0.05)
+    assert "layer1.0.bn1.weight" not in a and "fc.bias" not in a  # vectors are decoded, not based
+
+
+def test_the_generator_grows_with_the_widths_not_with_the_parameters() -> None:
+    options = CodeOptions(code_dim=16, hidden=32)
+    sizes = {}
+    for width in (2, 4):
+        spec = ModelSpec("test_resnet", 10, {"channels": [c * width for c in (32, 48, 48, 96)], "stem_width": 16 * width})
+        layout = Layout.from_state(spec.create("cpu").state_dict())
+        groups = unit_groups(FitContext(torch.device("cpu"), spec, (3, 32, 32)), layout)
+        sizes[width] = (stored_values(plans_of(layout, groups), groups, layout, options, corners=4), layout.dim)
+    # doubling every width about quadruples the network's parameters and doubles the generator
+    assert sizes[4][1] / sizes[2][1] > 3.5 and 1.5 < sizes[4][0] / sizes[2][0] < 2.2
+
+
+@pytest.fixture(scope="module")
+def codes(chain: dict[str, Path], tmp_path_factory) -> dict[str, Path]:
+    """A codes generator on the digits chain's canonical zoo (4 corners of 2 simplices, 1 held out), 4 samples."""
+    from conftest import drawn_generator
+
+    return drawn_generator(chain["canon"], tmp_path_factory.mktemp("codes"), "codes",
+                           '{"epochs": 25, "code_dim": 16, "corners": 4}', 4)
+
+
+def test_codes_samples_load_work_and_are_new(codes: dict[str, Path], run_cli) -> None:
+    config = json.loads((codes["gen"] / "config.json").read_text())
+    assert config["space"]["kind"] == "codes" and config["space"]["size"] < config["space"]["values"]
+    manifest = json.loads((codes["samples"] / "manifest.json").read_text())
+    assert manifest["calibrate"] == "digits" and manifest["rejected"] == 0
+    model = timm.create_model(f"local-dir:{codes['samples'] / 'sample-000'}", pretrained=True)
+    assert type(model).__name__ == "ResNet"
+    result = run_cli("eval", codes["samples"], "--zoo", codes["canon"], "--no-baselines", "--json")
+    assert result.exit_code == 0, result.output
+    samples = json.loads(result.stdout)["sets"]["samples"]
+    assert samples["accuracy"]["min"] > 0.8  # digits, test_resnet: members reach about 0.97
+    assert samples["nn_ratio"]["min"] > 1.0  # on their own random base, nowhere near a member
+
+
+def test_the_stored_size_is_what_stored_values_counts(codes: dict[str, Path]) -> None:
+    from wgen.flow.generator import load_generator
+
+    space = load_generator(codes["gen"]).space
+    counted = stored_values(space.decoder.plans, space.groups, space.layout, CodeOptions(code_dim=16), corners=4)
+    assert space.size == counted == json.loads((codes["gen"] / "config.json").read_text())["space"]["size"]
+
+
+def test_a_killed_codes_training_resumes_to_the_same_generator(chain: dict[str, Path], tmp_path: Path) -> None:
+    from wgen.checkpoints import open_zoo
+    from wgen.flow.train import TrainConfig, train_generator
+
+    zoo = open_zoo(chain["canon"])
+    config = TrainConfig(space="codes", space_args={"epochs": 0.5, "code_dim": 8, "corners": 4}, holdout=0.2)
+    whole = train_generator(zoo, tmp_path / "whole", config, torch.device("cpu"))
+    assert train_generator(zoo, tmp_path / "cut", config, torch.device("cpu"), stop_after=3) is None
+    resumed = train_generator(zoo, tmp_path / "cut", config, torch.device("cpu"))
+    assert whole is not None and resumed is not None
+    assert (tmp_path / "whole" / "space.safetensors").read_bytes() == (tmp_path / "cut" / "space.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("args, message", [
+    ('{"code_dim": 0}', "--code-dim 0 must be >= 1"),
+    ('{"hidden": 0}', "--hidden 0 must be >= 1"),
+    ('{"corners": 1}', "--corners 1 spans no simplex"),
+    ('{"corners": 4, "simplices": 3}', "--simplices 3 leaves fewer than 2 of the 4 corners a simplex"),
+    ('{"members": 3}', "the codes weight space has no setting 'members'"),
+])
+def test_bad_codes_options(chain: dict[str, Path], tmp_path: Path, run_cli, args: str, message: str) -> None:
+    result = run_cli("train", chain["canon"], "-o", tmp_path / "gen", "--space", "codes", "--space-args", args)
+    assert result.exit_code == 2 and message in result.stderr, result.output
+    assert not (tmp_path / "gen" / "config.json").exists()

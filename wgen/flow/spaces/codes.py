@@ -1,0 +1,320 @@
+"""The ``codes`` weight space (experimental): per-unit codes, one small decoder shared by every unit, a random base.
+
+Each corner is a set of *codes*: one vector of ``code_dim`` values per unit of each permutation group
+(``permute/groups.py``), plus the few tensors no group indexes (a classifier's bias, attention's qkv bias),
+kept whole. A per-tensor decoder makes a weight matrix or kernel from the codes of the units it joins: entry
+``W[j, i, ...]`` is ``base[j, i, ...] + U gelu(P c_j + Q c_i + b)``, its kernel (and any axis no group
+permutes) the output of ``U``; a vector (bias, norm) is ``U gelu(P c_j + b)``. The base is random, drawn from
+the generator's seed (one per simplex) and never stored: trained weights cannot be squeezed into codes
+(fitted to the members, codes of 32 values a unit left 90-99% of the large convolutions' energy
+unexplained), but a random network plus a low-complexity change trains well. What is stored grows with the
+number of units and tensors, not with the parameters: a convolution's weights grow with the square of its
+width, its codes with the width (``stored_values``).
+
+``fit`` trains codes and decoder on the zoo's train split as the ``subspace`` space trains its corners
+(``subspace.train_mixtures``): every step mixes each simplex's codes in fresh Dirichlet(1) proportions,
+decodes the mix and takes one step on the decoded network's loss. The members lend the scale of every
+tensor, the mean of every vector and their number of corners; their weights are not a starting point (a
+fresh base is). A sample is the decoded mix at a random point; its noise *is* its point (``drawn``).
+BatchNorm statistics are not generated (decoded as mean 0, variance 1): samples are calibrated on the
+train split (``calibrates``). On test_resnet it does not yet reach the members' accuracy
+(docs/benchmarks.md): it is selectable, not the default.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ...errors import WgenError
+from ...limits import check_all
+from .base import MIN_SCALE, FitContext, Layout, Slot, StateDict, WeightSpace, load_layout, saved_layout
+from .subspace import SubspaceOptions, proportions, recent_loss, simplex_of, split_loss, train_mixtures
+from .units import GroupAxes, unit_groups
+
+STATISTICS = ("running_mean", "running_var")  # BatchNorm buffers: re-estimated, not generated
+
+
+@dataclass(frozen=True)
+class CodeOptions(SubspaceOptions):
+    """The subspace's training settings (a higher lr: codes and decoder start from scratch), and the sizes of the
+    codes and of the decoder's hidden layer. Chosen on the val split of test_resnet (docs/benchmarks.md)."""
+
+    lr: float = 1e-2
+    code_dim: int = 128
+    hidden: int = 64
+    corners: int = 8  # code sets, any number (they do not start from members); 0: one per training member
+    simplices: int = 2
+
+    def check(self) -> None:
+        """Raise a WgenError for a setting out of its range."""
+        super().check()
+        check_all({"--code-dim": self.code_dim, "--hidden": self.hidden})
+        if self.corners == 1:
+            raise WgenError("--corners 1 spans no simplex", "use --corners 2 or more (0: one per training member)")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one tensor is decoded: the groups of its unit axes (in axis order), the rest as the MLP's output."""
+
+    slot: Slot
+    groups: tuple[int, ...]  # group index of each unit axis
+    unit_axes: tuple[int, ...]
+    rest_axes: tuple[int, ...]
+
+    @property
+    def outputs(self) -> int:
+        """Return the number of values the MLP makes per cell (the product of the non-unit axes)."""
+        return math.prod(self.slot.shape[a] for a in self.rest_axes)
+
+    @property
+    def free(self) -> bool:
+        """Return whether no group indexes the tensor (it is kept whole, per corner)."""
+        return not self.groups
+
+
+def plans_of(layout: Layout, groups: list[GroupAxes]) -> list[Plan]:
+    """Return the decoding plan of every generated tensor of ``layout`` (BatchNorm statistics excluded)."""
+    of_axis = {(key, axis): g for g, axes in enumerate(groups) for key, axis in axes}
+    plans = []
+    for slot in layout.slots:
+        if slot.key.endswith(STATISTICS):
+            continue
+        unit_axes = tuple(a for a in range(len(slot.shape)) if (slot.key, a) in of_axis)
+        rest = tuple(a for a in range(len(slot.shape)) if a not in unit_axes)
+        plans.append(Plan(slot, tuple(of_axis[(slot.key, a)] for a in unit_axes), unit_axes, rest))
+    return plans
+
+
+def has_base(plan: Plan) -> bool:
+    """Return whether the tensor is a weight matrix or kernel (a random base plus a decoded change)."""
+    return not plan.free and len(plan.slot.shape) >= 2
+
+
+def random_bases(plans: list[Plan], scales: dict[str, float], seed: int, simplices: int) -> dict[str, torch.Tensor]:
+    """Return each simplex's random base ``{key: [simplices, *shape]}`` of every weight matrix and kernel: standard
+    normal values times the tensor's scale, drawn on the CPU from ``seed`` (so the same on every device)."""
+    bases = {}
+    for index, plan in enumerate(plans):
+        if has_base(plan):
+            generator = torch.Generator().manual_seed(seed * 100_003 + index)
+            bases[plan.slot.key] = torch.randn(simplices, *plan.slot.shape, generator=generator) * scales[plan.slot.key]
+    return bases
+
+
+class Decoder:
+    """Functional decoder: codes ``{group: [B, units, d]}`` and free tensors -> the generated tensors."""
+
+    def __init__(self, plans: list[Plan], scales: dict[str, float], bases: dict[str, torch.Tensor]) -> None:
+        self.plans, self.scales, self.bases = plans, scales, bases
+
+    @staticmethod
+    def init(plans: list[Plan], code_dim: int, hidden: int, means: dict[str, float], generator: torch.Generator
+             ) -> dict[str, torch.Tensor]:
+        """Return freshly initialised decoder parameters ``{name: tensor}``: a matrix or kernel starts as its random
+        base (its change at 0), any other tensor at ``means[key]`` (its members' mean value, in scale units)."""
+        params = {}
+        for plan in plans:
+            if plan.free:
+                continue
+            key = plan.slot.key
+            for n in range(len(plan.groups)):
+                params[f"{key}/in{n}"] = torch.randn(code_dim, hidden, generator=generator) / math.sqrt(code_dim)
+            params[f"{key}/b0"] = torch.zeros(hidden)
+            out = torch.randn(hidden, plan.outputs, generator=generator) / math.sqrt(hidden)
+            params[f"{key}/out"] = out * 0 if has_base(plan) else out * 0.1
+            params[f"{key}/b2"] = torch.full((plan.outputs,), 0.0 if has_base(plan) else means[key])
+        return params
+
+    def tensors(self, params: dict[str, torch.Tensor], codes: list[torch.Tensor], free: dict[str, torch.Tensor],
+                simplex: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Return ``{key: [B, *shape]}``: every planned tensor of a batch of ``B`` code sets, those of matrices and
+        kernels on the random base of each one's ``simplex`` (``[B]`` indices)."""
+        out = {}
+        for plan in self.plans:
+            key, shape = plan.slot.key, plan.slot.shape
+            if plan.free:
+                out[key] = free[key].reshape(-1, *shape)
+                continue
+            cells = len(plan.groups)
+            h = params[f"{key}/b0"]
+            for n, g in enumerate(plan.groups):
+                part_ = codes[g] @ params[f"{key}/in{n}"]  # [B, units, hidden]
+                view = [part_.shape[0]] + [1] * cells + [part_.shape[-1]]
+                view[1 + n] = part_.shape[1]
+                h = h + part_.reshape(view)
+            h = F.gelu(h)
+            values = (h @ params[f"{key}/out"] + params[f"{key}/b2"]) * self.scales[key]
+            values = values.reshape(*values.shape[:1 + cells], *(shape[a] for a in plan.rest_axes))
+            order = [0] + [1 + (plan.unit_axes + plan.rest_axes).index(a) for a in range(len(shape))]
+            out[key] = values.permute(order)
+            if key in self.bases:
+                out[key] = out[key] + self.bases[key][simplex]
+        return out
+
+
+class CodeSpace(WeightSpace):
+    """Coordinates: the standard normal noise of a point of the simplex of codes; raw vector: its decoding."""
+
+    Options = CodeOptions
+    drawn = True
+    calibrates = True
+    needs_data = True
+
+    def __init__(self, layout: Layout, groups: list[GroupAxes], scales: dict[str, float],
+                 params: dict[str, torch.Tensor], training: dict[str, Any]) -> None:
+        super().__init__(layout)
+        self.groups, self.training, self.params = groups, training, params
+        self.simplices = int(training["simplices"])
+        plans = plans_of(layout, groups)
+        self.decoder = Decoder(plans, scales, random_bases(plans, scales, int(training["base_seed"]), self.simplices))
+
+    @property
+    def corners(self) -> int:
+        """Return the number of corners (code sets)."""
+        return int(self.training["corners"])
+
+    @property
+    def per_simplex(self) -> int:
+        """Return the number of corners of each simplex."""
+        return self.corners // self.simplices
+
+    @property
+    def size(self) -> int:
+        """Return the generator's number of stored values: codes, free tensors and decoder."""
+        return sum(v.numel() for v in self.params.values())
+
+    @classmethod
+    def fit(cls, states: list[StateDict], options: CodeOptions, context: FitContext) -> CodeSpace:
+        if context.data is None or context.spec is None:
+            raise WgenError("the codes space trains on data, and the zoo records none",
+                            "pass --data SPEC to wgen train (the dataset the zoo was trained on)")
+        options = options.resolved(options.corners or len(states))
+        count = (options.corners or len(states)) // options.simplices * options.simplices
+        layout = Layout.from_state(states[0])
+        groups = unit_groups(context, layout)
+        plans = plans_of(layout, groups)
+        values = {p.slot.key: torch.stack([s[p.slot.key].float() for s in states]) for p in plans}
+        scales = {k: max(MIN_SCALE, float(v.pow(2).mean().sqrt())) for k, v in values.items()}
+        bases = random_bases(plans, scales, context.seed, options.simplices)
+        decoder = Decoder(plans, scales, {k: v.to(context.device) for k, v in bases.items()})
+        params, losses, seconds = _train(states, values, decoder, groups, count, options, context)
+        training = {**asdict(options), "corners": count, "base_seed": context.seed, "steps": len(losses),
+                    "final_loss": round(recent_loss(losses), 5), "seconds": round(seconds, 2)}
+        return cls(layout, groups, scales, {k: v.detach().to(context.device) for k, v in params.items()}, training)
+
+    @classmethod
+    def load(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> CodeSpace:
+        groups = [[(key, int(axis)) for key, axis in g] for g in config["groups"]]
+        params = {k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")}
+        return cls(load_layout(config, tensors), groups, dict(config["scales"]), params, dict(config["training"]))
+
+    def saved(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        config, tensors = saved_layout(self.kind, self.layout, None, {
+            "groups": [[[k, a] for k, a in g] for g in self.groups], "scales": self.decoder.scales,
+            "size": self.size, "training": self.training})
+        tensors.update({f"param.{k}": v.cpu().contiguous() for k, v in self.params.items()})
+        return config, tensors
+
+    def to(self, device: torch.device | str) -> CodeSpace:
+        self.params = {k: v.to(device) for k, v in self.params.items()}
+        self.decoder.bases = {k: v.to(device) for k, v in self.decoder.bases.items()}
+        return self
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.per_simplex + (self.simplices > 1),)
+
+    def encode(self, states: list[StateDict]) -> torch.Tensor:
+        raise WgenError("a codes generator has no coordinates for members: its samples are drawn, not flowed",
+                        "sample it with wgen sample")
+
+    def vectors(self, coords: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        device = next(iter(self.params.values())).device
+        coords = coords.to(device).float()
+        k = self.per_simplex
+        mix = proportions(coords[:, :k])
+        which = simplex_of(coords[:, k], self.simplices) if self.simplices > 1 else torch.zeros(len(coords), dtype=torch.long, device=device)
+        # the full mixing matrix [N, corners]: a sample's proportions over its own simplex's corners, 0 elsewhere
+        weights = torch.zeros(len(coords), self.corners, device=device)
+        for s in range(self.simplices):
+            rows = which == s
+            weights[rows, s * k:(s + 1) * k] = mix[rows]
+        with torch.no_grad():
+            tensors = self.decoder.tensors(self.params, *_mixed(self.params, len(self.groups), weights), which)
+        out = torch.zeros(len(coords), self.layout.dim, device=device) if out is None else out.zero_()
+        for slot in self.layout.slots:
+            if slot.key in tensors:
+                out[:, slot.offset:slot.offset + slot.size] = tensors[slot.key].reshape(len(coords), -1)
+        return out  # BatchNorm statistics stay 0: mean 0, log variance 0
+
+    def describe(self) -> str:
+        t = self.training
+        return (f"codes of {t['corners']} corners ({self.simplices} simplices) decoded to {self.layout.dim:,} weights "
+                f"by a shared decoder; {self.size:,} values stored; trained {t['steps']} steps")
+
+
+def _mixed(params: dict[str, torch.Tensor], groups: int, weights: torch.Tensor
+           ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Return the codes ``[B, units, d]`` of every group and the free tensors ``[B, ...]`` mixed by ``weights``
+    ``[B, corners]``."""
+    codes = [torch.einsum("bk,kud->bud", weights, params[f"codes/{g}"]) for g in range(groups)]
+    free = {k[len("free/"):]: torch.tensordot(weights, v, dims=1) for k, v in params.items() if k.startswith("free/")}
+    return codes, free
+
+
+def _initial(values: dict[str, torch.Tensor], decoder: Decoder, sizes: list[int], corners: int, options: CodeOptions,
+             seed: int) -> dict[str, torch.Tensor]:
+    """Return the parameters training starts from: standard normal codes for ``corners`` corners (``sizes``: units
+    of each group), every free tensor at the members' mean, a fresh decoder whose vectors start at the members'
+    mean value (``values``: each planned tensor of every member)."""
+    generator = torch.Generator().manual_seed(seed)
+    params = {f"codes/{g}": torch.randn(corners, n, options.code_dim, generator=generator) for g, n in enumerate(sizes)}
+    params.update({f"free/{p.slot.key}": values[p.slot.key].mean(dim=0).expand(corners, *p.slot.shape).clone()
+                   for p in decoder.plans if p.free})
+    means = {p.slot.key: float(values[p.slot.key].mean()) / decoder.scales[p.slot.key] for p in decoder.plans}
+    params.update(Decoder.init(decoder.plans, options.code_dim, options.hidden, means, generator))
+    return params
+
+
+def stored_values(plans: list[Plan], groups: list[GroupAxes], layout: Layout, options: CodeOptions, corners: int) -> int:
+    """Return how many values a codes generator of ``corners`` corners stores for ``layout``: codes, free tensors and
+    decoder (what ``CodeSpace.size`` counts once trained)."""
+    shapes = {slot.key: slot.shape for slot in layout.slots}
+    units = sum(shapes[axes[0][0]][axes[0][1]] for axes in groups)
+    free = sum(p.slot.size for p in plans if p.free)
+    decoder = sum(len(p.groups) * options.code_dim * options.hidden + options.hidden + (options.hidden + 1) * p.outputs
+                  for p in plans if not p.free)
+    return corners * (units * options.code_dim + free) + decoder
+
+
+def _train(states: list[StateDict], values: dict[str, torch.Tensor], decoder: Decoder, groups: list[GroupAxes],
+           corners: int, options: CodeOptions, context: FitContext) -> tuple[dict[str, torch.Tensor], list[float], float]:
+    """Return the trained codes, free tensors and decoder, the loss of every step and the seconds spent."""
+    device = context.device
+    sizes = [states[0][axes[0][0]].shape[axes[0][1]] for axes in groups]
+    params = {k: v.to(device).requires_grad_(True)
+              for k, v in _initial(values, decoder, sizes, corners, options, context.seed).items()}
+    torch.manual_seed(context.seed)
+    model = context.spec.create(device).train()
+    names = [name for name, _ in model.named_parameters()]
+    buffers = {k: v.to(device).clone() for k, v in states[0].items() if k not in names}
+    losses, seconds = train_mixtures(
+        params, lambda mix, x, y: _mixed_loss(model, decoder, params, len(groups), buffers, mix, x, y),
+        corners, options, context, "codes", "param.")
+    return params, losses, seconds
+
+
+def _mixed_loss(model: torch.nn.Module, decoder: Decoder, params: dict[str, torch.Tensor], groups: int,
+                buffers: StateDict, mix: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Return the cross-entropy of the batch ``(x, y)`` split among the simplices, part ``s`` through the network
+    decoded from simplex ``s``'s codes mixed in proportions ``mix[s]``."""
+    simplices = len(mix)
+    weights = torch.block_diag(*mix)  # [simplices, corners]
+    tensors = decoder.tensors(params, *_mixed(params, groups, weights), torch.arange(simplices, device=x.device))
+    return split_loss(model, lambda s: {key: v[s] for key, v in tensors.items()}, buffers, simplices, x, y)
