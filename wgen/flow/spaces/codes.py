@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from ...errors import WgenError
 from ...limits import check_all
 from .base import MIN_SCALE, FitContext, Layout, Slot, StateDict, WeightSpace, load_layout, saved_layout
-from .subspace import SubspaceOptions, proportions, recent_loss, simplex_of, split_loss, train_mixtures
-from .units import GroupAxes, unit_groups
+from .subspace import SubspaceOptions, mixing_network, proportions, recent_loss, simplex_of, split_loss, train_mixtures
+from .units import GroupAxes, group_sizes, unit_groups
 
 STATISTICS = ("running_mean", "running_var")  # BatchNorm buffers: re-estimated, not generated
 
@@ -166,13 +166,11 @@ class CodeSpace(WeightSpace):
     calibrates = True
     needs_data = True
 
-    def __init__(self, layout: Layout, groups: list[GroupAxes], scales: dict[str, float],
-                 params: dict[str, torch.Tensor], training: dict[str, Any]) -> None:
+    def __init__(self, layout: Layout, groups: list[GroupAxes], decoder: Decoder, params: dict[str, torch.Tensor],
+                 training: dict[str, Any]) -> None:
         super().__init__(layout)
-        self.groups, self.training, self.params = groups, training, params
+        self.groups, self.decoder, self.params, self.training = groups, decoder, params, training
         self.simplices = int(training["simplices"])
-        plans = plans_of(layout, groups)
-        self.decoder = Decoder(plans, scales, random_bases(plans, scales, int(training["base_seed"]), self.simplices))
 
     @property
     def corners(self) -> int:
@@ -199,20 +197,23 @@ class CodeSpace(WeightSpace):
         layout = Layout.from_state(states[0])
         groups = unit_groups(context, layout)
         plans = plans_of(layout, groups)
-        values = {p.slot.key: torch.stack([s[p.slot.key].float() for s in states]) for p in plans}
-        scales = {k: max(MIN_SCALE, float(v.pow(2).mean().sqrt())) for k, v in values.items()}
+        scales, means, free = _member_statistics(states, plans)
         bases = random_bases(plans, scales, context.seed, options.simplices)
         decoder = Decoder(plans, scales, {k: v.to(context.device) for k, v in bases.items()})
-        params, losses, seconds = _train(states, values, decoder, groups, count, options, context)
+        initial = _initial(decoder, group_sizes(groups, layout), count, means, free, options, context.seed)
+        params, losses, seconds = _train(states[0], initial, decoder, len(groups), count, options, context)
         training = {**asdict(options), "corners": count, "base_seed": context.seed, "steps": len(losses),
                     "final_loss": round(recent_loss(losses), 5), "seconds": round(seconds, 2)}
-        return cls(layout, groups, scales, {k: v.detach().to(context.device) for k, v in params.items()}, training)
+        return cls(layout, groups, decoder, {k: v.detach() for k, v in params.items()}, training)
 
     @classmethod
     def load(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> CodeSpace:
         groups = [[(key, int(axis)) for key, axis in g] for g in config["groups"]]
         params = {k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")}
-        return cls(load_layout(config, tensors), groups, dict(config["scales"]), params, dict(config["training"]))
+        layout, training, scales = load_layout(config, tensors), dict(config["training"]), dict(config["scales"])
+        plans = plans_of(layout, groups)
+        decoder = Decoder(plans, scales, random_bases(plans, scales, int(training["base_seed"]), int(training["simplices"])))
+        return cls(layout, groups, decoder, params, training)
 
     def saved(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         config, tensors = saved_layout(self.kind, self.layout, None, {
@@ -239,12 +240,11 @@ class CodeSpace(WeightSpace):
         coords = coords.to(device).float()
         k = self.per_simplex
         mix = proportions(coords[:, :k])
-        which = simplex_of(coords[:, k], self.simplices) if self.simplices > 1 else torch.zeros(len(coords), dtype=torch.long, device=device)
+        which = simplex_of(coords[:, k], self.simplices) if self.simplices > 1 else mix.new_zeros(len(coords), dtype=torch.long)
         # the full mixing matrix [N, corners]: a sample's proportions over its own simplex's corners, 0 elsewhere
-        weights = torch.zeros(len(coords), self.corners, device=device)
-        for s in range(self.simplices):
-            rows = which == s
-            weights[rows, s * k:(s + 1) * k] = mix[rows]
+        weights = mix.new_zeros(len(coords), self.simplices, k)
+        weights[torch.arange(len(coords), device=device), which] = mix
+        weights = weights.view(len(coords), self.corners)
         with torch.no_grad():
             tensors = self.decoder.tensors(self.params, *_mixed(self.params, len(self.groups), weights), which)
         out = torch.zeros(len(coords), self.layout.dim, device=device) if out is None else out.zero_()
@@ -268,16 +268,28 @@ def _mixed(params: dict[str, torch.Tensor], groups: int, weights: torch.Tensor
     return codes, free
 
 
-def _initial(values: dict[str, torch.Tensor], decoder: Decoder, sizes: list[int], corners: int, options: CodeOptions,
-             seed: int) -> dict[str, torch.Tensor]:
+def _member_statistics(states: list[StateDict], plans: list[Plan]
+                       ) -> tuple[dict[str, float], dict[str, float], dict[str, torch.Tensor]]:
+    """Return, from the members, each planned tensor's scale (RMS of its values), its mean value in scale units, and
+    the mean member's value of every free tensor; one tensor's stack at a time, never every member at once."""
+    scales, means, free = {}, {}, {}
+    for plan in plans:
+        key = plan.slot.key
+        stacked = torch.stack([s[key].float() for s in states])
+        scales[key] = max(MIN_SCALE, float(stacked.pow(2).mean().sqrt()))
+        means[key] = float(stacked.mean()) / scales[key]
+        if plan.free:
+            free[key] = stacked.mean(dim=0)
+    return scales, means, free
+
+
+def _initial(decoder: Decoder, sizes: list[int], corners: int, means: dict[str, float], free: dict[str, torch.Tensor],
+             options: CodeOptions, seed: int) -> dict[str, torch.Tensor]:
     """Return the parameters training starts from: standard normal codes for ``corners`` corners (``sizes``: units
-    of each group), every free tensor at the members' mean, a fresh decoder whose vectors start at the members'
-    mean value (``values``: each planned tensor of every member)."""
+    of each group), every free tensor at its ``free`` mean, a fresh decoder whose vectors start at ``means``."""
     generator = torch.Generator().manual_seed(seed)
     params = {f"codes/{g}": torch.randn(corners, n, options.code_dim, generator=generator) for g, n in enumerate(sizes)}
-    params.update({f"free/{p.slot.key}": values[p.slot.key].mean(dim=0).expand(corners, *p.slot.shape).clone()
-                   for p in decoder.plans if p.free})
-    means = {p.slot.key: float(values[p.slot.key].mean()) / decoder.scales[p.slot.key] for p in decoder.plans}
+    params.update({f"free/{k}": v.expand(corners, *v.shape).clone() for k, v in free.items()})
     params.update(Decoder.init(decoder.plans, options.code_dim, options.hidden, means, generator))
     return params
 
@@ -285,27 +297,21 @@ def _initial(values: dict[str, torch.Tensor], decoder: Decoder, sizes: list[int]
 def stored_values(plans: list[Plan], groups: list[GroupAxes], layout: Layout, options: CodeOptions, corners: int) -> int:
     """Return how many values a codes generator of ``corners`` corners stores for ``layout``: codes, free tensors and
     decoder (what ``CodeSpace.size`` counts once trained)."""
-    shapes = {slot.key: slot.shape for slot in layout.slots}
-    units = sum(shapes[axes[0][0]][axes[0][1]] for axes in groups)
+    units = sum(group_sizes(groups, layout))
     free = sum(p.slot.size for p in plans if p.free)
     decoder = sum(len(p.groups) * options.code_dim * options.hidden + options.hidden + (options.hidden + 1) * p.outputs
                   for p in plans if not p.free)
     return corners * (units * options.code_dim + free) + decoder
 
 
-def _train(states: list[StateDict], values: dict[str, torch.Tensor], decoder: Decoder, groups: list[GroupAxes],
-           corners: int, options: CodeOptions, context: FitContext) -> tuple[dict[str, torch.Tensor], list[float], float]:
-    """Return the trained codes, free tensors and decoder, the loss of every step and the seconds spent."""
-    device = context.device
-    sizes = [states[0][axes[0][0]].shape[axes[0][1]] for axes in groups]
-    params = {k: v.to(device).requires_grad_(True)
-              for k, v in _initial(values, decoder, sizes, corners, options, context.seed).items()}
-    torch.manual_seed(context.seed)
-    model = context.spec.create(device).train()
-    names = [name for name, _ in model.named_parameters()]
-    buffers = {k: v.to(device).clone() for k, v in states[0].items() if k not in names}
+def _train(first: StateDict, initial: dict[str, torch.Tensor], decoder: Decoder, groups: int, corners: int,
+           options: CodeOptions, context: FitContext) -> tuple[dict[str, torch.Tensor], list[float], float]:
+    """Return the trained codes, free tensors and decoder (from ``initial``), the loss of every step and the seconds
+    spent (``first``: a member, whose buffers the network runs with)."""
+    params = {k: v.to(context.device).requires_grad_(True) for k, v in initial.items()}
+    model, buffers = mixing_network(first, context)
     losses, seconds = train_mixtures(
-        params, lambda mix, x, y: _mixed_loss(model, decoder, params, len(groups), buffers, mix, x, y),
+        params, lambda mix, x, y: _mixed_loss(model, decoder, params, groups, buffers, mix, x, y),
         corners, options, context, "codes", "param.")
     return params, losses, seconds
 

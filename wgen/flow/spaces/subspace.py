@@ -175,16 +175,21 @@ class SubspaceSpace(WeightSpace):
 def _train_corners(states: list[StateDict], options: SubspaceOptions, context: FitContext
                    ) -> tuple[dict[str, torch.Tensor], list[float], float]:
     """Return the trained corners' parameters ``{name: [K, ...]}``, the loss of every step and the seconds spent."""
-    device = context.device
-    torch.manual_seed(context.seed)
-    model = context.spec.create(device).train()
-    names = [name for name, _ in model.named_parameters()]
-    params = {k: torch.stack([s[k] for s in states]).to(device).float().requires_grad_(True) for k in names}
-    # Buffers (BatchNorm statistics) are the first corner's: training mode normalises with batch statistics.
-    buffers = {k: v.to(device).clone() for k, v in states[0].items() if k not in params}
+    model, buffers = mixing_network(states[0], context)
+    params = {k: torch.stack([s[k] for s in states]).to(context.device).float().requires_grad_(True)
+              for k, _ in model.named_parameters()}
     losses, seconds = train_mixtures(params, lambda mix, x, y: _mixed_loss(model, params, buffers, mix, x, y),
                                      len(states), options, context, "subspace", "corners.")
     return params, losses, seconds
+
+
+def mixing_network(first: StateDict, context: FitContext) -> tuple[torch.nn.Module, StateDict]:
+    """Return the zoo's network in training mode on ``context.device`` (seeded by ``context.seed``) and the buffers
+    every mix runs with: ``first``'s (training mode normalises with batch statistics, so they are not read)."""
+    torch.manual_seed(context.seed)
+    model = context.spec.create(context.device).train()
+    names = {name for name, _ in model.named_parameters()}
+    return model, {k: v.to(context.device).clone() for k, v in first.items() if k not in names}
 
 
 def train_mixtures(params: dict[str, torch.Tensor], mixed_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],

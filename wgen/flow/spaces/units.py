@@ -43,6 +43,12 @@ def unit_groups(context: FitContext, layout: Layout) -> list[GroupAxes]:
     return [g for g in groups if g]
 
 
+def group_sizes(groups: list[GroupAxes], layout: Layout) -> list[int]:
+    """Return the number of units of each group (the length of its first axis in ``layout``)."""
+    shapes = {slot.key: slot.shape for slot in layout.slots}
+    return [shapes[axes[0][0]][axes[0][1]] for axes in groups]
+
+
 class UnitSpace(FullSpace):
     """Whole raw vectors scaled per tensor, with the permutation groups a structure-aware net needs."""
 
@@ -95,8 +101,7 @@ class UnitSpace(FullSpace):
 
     def group_sizes(self) -> list[int]:
         """Return the number of units of each group."""
-        shapes = {slot.key: slot.shape for slot in self.layout.slots}
-        return [shapes[axes[0][0]][axes[0][1]] for axes in self.groups]
+        return group_sizes(self.groups, self.layout)
 
     def describe(self) -> str:
         return (f"units space, {self.layout.dim:,} values in {len(self.groups)} permutation groups of "
