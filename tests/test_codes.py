@@ -11,7 +11,8 @@ import torch
 
 from wgen.checkpoints import ModelSpec
 from wgen.flow.spaces.base import FitContext, Layout
-from wgen.flow.spaces.codes import CodeOptions, Decoder, plans_of, random_bases, stored_values
+from wgen.flow.spaces.codes import (CodeOptions, Decoder, error_overlap, learning_rate, mixing_matrix, plans_of, random_bases,
+                                    stored_values)
 from wgen.flow.spaces.units import group_sizes, unit_groups
 
 
@@ -71,6 +72,30 @@ def test_the_generator_grows_with_the_widths_not_with_the_parameters() -> None:
     assert sizes[4][1] / sizes[2][1] > 3.5 and 1.5 < sizes[4][0] / sizes[2][0] < 2.2
 
 
+def test_the_auto_lr_is_higher_behind_batchnorm() -> None:
+    assert learning_rate(ModelSpec("test_resnet", 10, {}).create("meta")) == 1e-2
+    assert learning_rate(ModelSpec("test_vit", 10, {"img_size": 32, "patch_size": 8}).create("meta")) == 1e-3
+
+
+def test_error_overlap_is_one_for_alike_mistakes_and_zero_for_disjoint_ones() -> None:
+    labels = torch.tensor([0, 0])
+    confused = torch.tensor([[5.0, 3.0, -9.0, -9.0], [-9.0, 4.0, 2.0, -9.0]])  # wrong mass on 1, then on 1 and 2
+    assert abs(float(error_overlap(confused, confused, labels)) - 1) < 1e-6
+    elsewhere = torch.tensor([[5.0, -40.0, -40.0, 3.0], [-9.0, -40.0, -40.0, 4.0]])  # wrong mass only on 3
+    assert float(error_overlap(confused, elsewhere, labels)) < 1e-5
+
+
+def test_the_mixing_matrix_puts_each_draws_proportions_on_its_simplexs_corners() -> None:
+    mix = torch.arange(1.0, 13.0).view(2, 3, 2)  # 2 draws, 3 simplices of 2 corners
+    weights = mixing_matrix(mix)
+    assert weights.shape == (6, 6)
+    for d in range(2):
+        for s in range(3):
+            expected = torch.zeros(6)
+            expected[2 * s:2 * s + 2] = mix[d, s]
+            assert torch.equal(weights[d * 3 + s], expected)
+
+
 @pytest.fixture(scope="module")
 def codes(chain: dict[str, Path], tmp_path_factory) -> dict[str, Path]:
     """A codes generator on the digits chain's canonical zoo (4 corners of 2 simplices, 1 held out), 4 samples."""
@@ -83,6 +108,7 @@ def codes(chain: dict[str, Path], tmp_path_factory) -> dict[str, Path]:
 def test_codes_samples_load_work_and_are_new(codes: dict[str, Path], run_cli) -> None:
     config = json.loads((codes["gen"] / "config.json").read_text())
     assert config["space"]["kind"] == "codes" and config["space"]["size"] < config["space"]["values"]
+    assert config["space"]["training"]["lr"] == 1e-2  # auto, for a BatchNorm network
     manifest = json.loads((codes["samples"] / "manifest.json").read_text())
     assert manifest["calibrate"] == "digits" and manifest["rejected"] == 0
     model = timm.create_model(f"local-dir:{codes['samples'] / 'sample-000'}", pretrained=True)
@@ -102,14 +128,17 @@ def test_the_stored_size_is_what_stored_values_counts(codes: dict[str, Path]) ->
     assert space.size == counted == json.loads((codes["gen"] / "config.json").read_text())["space"]["size"]
 
 
-def test_a_killed_codes_training_resumes_to_the_same_generator(chain: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("diversity", [0.0, 0.5])
+def test_a_killed_codes_training_resumes_to_the_same_generator(chain: dict[str, Path], tmp_path: Path,
+                                                               diversity: float) -> None:
     import safetensors.torch
 
     from wgen.checkpoints import open_zoo
     from wgen.flow.train import TrainConfig, train_generator
 
     zoo = open_zoo(chain["canon"])
-    config = TrainConfig(space="codes", space_args={"epochs": 0.5, "code_dim": 8, "corners": 4}, holdout=0.2)
+    config = TrainConfig(space="codes", space_args={"epochs": 0.5, "code_dim": 8, "corners": 4,
+                                                            "diversity": diversity}, holdout=0.2)
     whole = train_generator(zoo, tmp_path / "whole", config, torch.device("cpu"))
     assert train_generator(zoo, tmp_path / "cut", config, torch.device("cpu"), stop_after=3) is None
     resumed = train_generator(zoo, tmp_path / "cut", config, torch.device("cpu"))
@@ -123,6 +152,7 @@ def test_a_killed_codes_training_resumes_to_the_same_generator(chain: dict[str, 
 @pytest.mark.parametrize("args, message", [
     ('{"code_dim": 0}', "--code-dim 0 must be >= 1"),
     ('{"hidden": 0}', "--hidden 0 must be >= 1"),
+    ('{"diversity": -0.5}', "--diversity -0.5 must be >= 0"),
     ('{"corners": 1}', "--corners 1 spans no simplex"),
     ('{"corners": 4, "simplices": 3}', "--simplices 3 leaves fewer than 2 of the 4 corners a simplex"),
     ('{"members": 3}', "the codes weight space has no setting 'members'"),

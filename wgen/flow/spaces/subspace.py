@@ -62,11 +62,15 @@ class SubspaceOptions:
     corners: int = 0  # 0: every training member is a corner
     simplices: int = 0  # independent simplices the corners are split into (equally; a remainder is left out); 0: auto
 
+    def limited(self) -> dict[str, float]:
+        """Return ``{option: value}`` of every setting with a range in ``limits.LIMITS``."""
+        return {"--lr": self.lr, "--batch-size": self.batch_size, "--weight-decay": self.weight_decay,
+                "--warmup-steps": self.warmup_steps, "--subspace-epochs": self.epochs, "--corners": self.corners,
+                "--simplices": self.simplices}
+
     def check(self) -> None:
         """Raise a WgenError for a setting out of its range."""
-        check_all({"--lr": self.lr, "--batch-size": self.batch_size, "--weight-decay": self.weight_decay,
-                   "--warmup-steps": self.warmup_steps, "--subspace-epochs": self.epochs,
-                   "--corners": self.corners, "--simplices": self.simplices})
+        check_all(self.limited())
         if self.batch_size < 2 * self.simplices:
             raise WgenError(f"--batch-size {self.batch_size} splits into fewer than 2 examples a simplex",
                             f"use --batch-size {2 * self.simplices} or more, or fewer --simplices")
@@ -178,7 +182,7 @@ def _train_corners(states: list[StateDict], options: SubspaceOptions, context: F
     model, buffers = mixing_network(states[0], context)
     params = {k: torch.stack([s[k] for s in states]).to(context.device).float().requires_grad_(True)
               for k, _ in model.named_parameters()}
-    losses, seconds = train_mixtures(params, lambda mix, x, y: _mixed_loss(model, params, buffers, mix, x, y),
+    losses, seconds = train_mixtures(params, lambda mix, x, y: _mixed_loss(model, params, buffers, mix[0], x, y),
                                      len(states), options, context, "subspace", "corners.")
     return params, losses, seconds
 
@@ -194,10 +198,10 @@ def mixing_network(first: StateDict, context: FitContext) -> tuple[torch.nn.Modu
 
 def train_mixtures(params: dict[str, torch.Tensor], mixed_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
                    torch.Tensor], corners: int, options: SubspaceOptions, context: FitContext, stage: str,
-                   prefix: str) -> tuple[list[float], float]:
+                   prefix: str, draws: int = 1) -> tuple[list[float], float]:
     """Train ``params`` (AdamW, warmup and cosine) on ``mixed_loss(mix, x, y)`` of the train split's batches, ``mix``
-    ``[simplices, corners // simplices]`` fresh Dirichlet(1) proportions every step; return the loss of every step
-    and the seconds spent. Resumes from (and every ``CHECKPOINT_EVERY`` steps writes, tensors under ``prefix``)
+    ``[draws, simplices, corners // simplices]`` fresh Dirichlet(1) proportions every step; return the loss of every
+    step and the seconds spent. Resumes from (and every ``CHECKPOINT_EVERY`` steps writes, tensors under ``prefix``)
     ``context.checkpoints``.
 
     Step ``s`` sees the batches of epoch ``s // per_epoch`` in the order seeded by that epoch, and mixes the
@@ -218,8 +222,8 @@ def train_mixtures(params: dict[str, torch.Tensor], mixed_loss: Callable[[torch.
         usable = (batch for batch in data.batches("train", options.batch_size, order) if len(batch[1]) >= smallest)
         for x, y in itertools.islice(usable, offset, None):
             step = len(losses)
-            noise = torch.randn(corners, generator=torch.Generator().manual_seed(context.seed * STEP_SEEDS + step))
-            loss = mixed_loss(proportions(noise.view(simplices, -1)).to(device), x.to(device), y.to(device))
+            noise = torch.randn(draws * corners, generator=torch.Generator().manual_seed(context.seed * STEP_SEEDS + step))
+            loss = mixed_loss(proportions(noise.view(draws, simplices, -1)).to(device), x.to(device), y.to(device))
             for group in optimizer.param_groups:
                 group["lr"] = warmup_cosine(step, options.lr, options.warmup_steps, total)
             optimizer.zero_grad(set_to_none=True)
