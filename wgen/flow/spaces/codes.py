@@ -39,8 +39,9 @@ from torch.func import functional_call
 
 from ...errors import WgenError
 from ...metrics import has_batchnorm
-from .base import MIN_SCALE, FitContext, Layout, Slot, StateDict, WeightSpace, load_layout, saved_layout
-from .subspace import SubspaceOptions, mixing_network, proportions, recent_loss, simplex_of, split_loss, train_mixtures
+from .base import MIN_SCALE, FitContext, Layout, Slot, StateDict, load_layout, saved_layout
+from .subspace import (DrawnSpace, SubspaceOptions, mixing_network, proportions, recent_loss, simplex_of, split_loss,
+                       train_mixtures)
 from .units import GroupAxes, group_sizes, unit_groups
 
 STATISTICS = ("running_mean", "running_var")  # BatchNorm buffers: re-estimated, not generated
@@ -182,7 +183,7 @@ class Decoder:
         return out
 
 
-class CodeSpace(WeightSpace):
+class CodeSpace(DrawnSpace):
     """Coordinates: the standard normal noise of a point of the simplex of codes; raw vector: its decoding."""
 
     Options = CodeOptions
@@ -251,14 +252,6 @@ class CodeSpace(WeightSpace):
         self.params = {k: v.to(device) for k, v in self.params.items()}
         self.decoder.bases = {k: v.to(device) for k, v in self.decoder.bases.items()}
         return self
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (self.per_simplex + (self.simplices > 1),)
-
-    def encode(self, states: list[StateDict]) -> torch.Tensor:
-        raise WgenError("a codes generator has no coordinates for members: its samples are drawn, not flowed",
-                        "sample it with wgen sample")
 
     def vectors(self, coords: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         device = next(iter(self.params.values())).device

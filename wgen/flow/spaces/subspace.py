@@ -100,7 +100,28 @@ def proportions(noise: torch.Tensor) -> torch.Tensor:
     return (exponentials / exponentials.sum(dim=-1, keepdim=True)).to(noise.dtype)
 
 
-class SubspaceSpace(WeightSpace):
+class DrawnSpace(WeightSpace):
+    """A space whose samples are drawn as points of ``simplices`` simplices of ``per_simplex`` corners each: the
+    coordinates are the standard normal noise of a point (``proportions``) and, with more than one simplex, of
+    its simplex (``simplex_of``). Members have no coordinates."""
+
+    simplices: int
+
+    @property
+    def per_simplex(self) -> int:
+        """Return the number of corners of each simplex."""
+        raise NotImplementedError
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.per_simplex + (self.simplices > 1),)
+
+    def encode(self, states: list[StateDict]) -> torch.Tensor:
+        raise WgenError(f"a {self.kind} generator has no coordinates for members: its samples are drawn, not flowed",
+                        "sample it with wgen sample")
+
+
+class SubspaceSpace(DrawnSpace):
     """Coordinates: the standard normal noise of a point of the simplex; raw vector: the corners' mix."""
 
     Options = SubspaceOptions
@@ -148,14 +169,6 @@ class SubspaceSpace(WeightSpace):
                                        {"corners": len(self.corners), "training": self.training})
         tensors["corners"] = self.corners.cpu().contiguous()
         return config, tensors
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (self.per_simplex + (self.simplices > 1),)
-
-    def encode(self, states: list[StateDict]) -> torch.Tensor:
-        raise WgenError("a subspace generator has no coordinates for members: its samples are drawn, not flowed",
-                        "sample it with wgen sample")
 
     def vectors(self, coords: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         coords = coords.to(self.corners.device).float()
