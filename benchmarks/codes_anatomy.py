@@ -7,8 +7,9 @@ For every weight matrix and kernel: the norm of its base, of each corner's decod
 between two corners of one simplex and of two simplices. Then, on ``--split`` (val: the split to study settings
 on), with BatchNorm statistics re-estimated on the train split as ``wgen sample`` calibrates: the corners (the
 pure code sets), and ``--samples`` networks at Dirichlet(``--alpha``) points of a simplex drawn uniformly (the
-generator's own samples are the points of alpha 1); for each set its accuracy, pairwise disagreement and the
-accuracy of an ensemble of 16 averaged over ``--draws`` random draws. Prints one JSON object.
+generator's own samples are the points of alpha 1; a generator that mixes groups or units draws each one's own
+point); for each set its accuracy, pairwise disagreement and the accuracy of an ensemble of 16 averaged over
+``--draws`` random draws. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from wgen.checkpoints import open_zoo
 from wgen.data import data_for_zoo
 from wgen.flow.generator import load_generator
-from wgen.flow.spaces.codes import CodeSpace, mixed
+from wgen.flow.spaces.codes import CodeSpace, mixed, placed
 from wgen.metrics import ensemble_hits, mean_disagreement, recalibrated, stacked_logits
 
 
@@ -51,10 +52,10 @@ def sizes(space: CodeSpace) -> dict[str, dict[str, float]]:
 
 
 def judged(space: CodeSpace, weights: torch.Tensor, which: torch.Tensor, zoo: Any, data: Any, split: str,
-           draws: int) -> dict[str, Any]:
+           draws: int, parts: torch.Tensor | None = None) -> dict[str, Any]:
     """Return the accuracy (mean, min), pairwise disagreement and mean ensemble-of-16 accuracy of the networks mixed
-    by ``weights``, calibrated on the train split and judged on ``split``."""
-    states = [space.layout.unflatten(vector) for vector in space.decode(weights, which)]
+    by ``weights`` (and ``parts``, see ``CodeSpace.decode``), calibrated on the train split and judged on ``split``."""
+    states = [space.layout.unflatten(vector) for vector in space.decode(weights, which, parts=parts)]
     device = torch.device("cpu")
     states = recalibrated(zoo.spec, states, data, device)
     logits = stacked_logits(zoo.spec.create(device), states, data, split, device)
@@ -87,11 +88,10 @@ def main() -> None:
                               args.split, args.draws)}
     for alpha in args.alpha:
         which = torch.randint(simplices, (args.samples,))
-        weights = torch.zeros(args.samples, simplices, k)
-        weights[torch.arange(args.samples), which] = torch.distributions.Dirichlet(torch.full((k,), alpha)).sample(
-            (args.samples,))
-        sets[f"dirichlet_{alpha:g}"] = judged(space, weights.view(args.samples, -1), which, zoo, data, args.split,
-                                              args.draws)
+        dirichlet = torch.distributions.Dirichlet(torch.full((k,), alpha))
+        weights = placed(dirichlet.sample((args.samples,)), which, simplices)
+        parts = placed(dirichlet.sample((args.samples, space.parts)), which, simplices) if space.parts else None
+        sets[f"dirichlet_{alpha:g}"] = judged(space, weights, which, zoo, data, args.split, args.draws, parts)
     print(json.dumps({"benchmark": "codes_anatomy", "generator": str(args.generator), "split": args.split,
                       "training": space.training, "sizes": sizes(space), "sets": sets}, indent=1))
 

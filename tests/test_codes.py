@@ -11,8 +11,8 @@ import torch
 
 from wgen.checkpoints import ModelSpec
 from wgen.flow.spaces.base import FitContext, Layout
-from wgen.flow.spaces.codes import (CodeOptions, Decoder, error_overlap, learning_rate, mixing_matrix, plans_of, random_bases,
-                                    stored_values)
+from wgen.flow.spaces.codes import (CodeOptions, Decoder, error_overlap, learning_rate, mixed, mixing_matrix, plans_of,
+                                    random_bases, stored_values)
 from wgen.flow.spaces.units import group_sizes, unit_groups
 
 
@@ -96,6 +96,40 @@ def test_the_mixing_matrix_puts_each_draws_proportions_on_its_simplexs_corners()
             assert torch.equal(weights[d * 3 + s], expected)
 
 
+def test_unit_proportions_are_placed_on_their_simplexs_corners_unit_by_unit() -> None:
+    mix = torch.arange(1.0, 25.0).view(2, 3, 2, 2)  # 2 draws, 3 simplices, 2 units, 2 corners a simplex
+    weights = mixing_matrix(mix)
+    assert weights.shape == (6, 2, 6)
+    for d in range(2):
+        for s in range(3):
+            for u in range(2):
+                expected = torch.zeros(6)
+                expected[2 * s:2 * s + 2] = mix[d, s, u]
+                assert torch.equal(weights[d * 3 + s, u], expected)
+
+
+def test_units_mixed_alike_give_the_network_mix() -> None:
+    generator = torch.Generator().manual_seed(0)
+    params = {"codes/0": torch.randn(4, 3, 5, generator=generator), "codes/1": torch.randn(4, 2, 5, generator=generator),
+              "free/fc.bias": torch.randn(4, 7, generator=generator)}
+    weights = torch.rand(2, 4, generator=generator)
+    codes, free = mixed(params, 2, weights)
+    by_unit, free_by_unit = mixed(params, 2, weights, weights[:, None].expand(2, 5, 4))
+    for a, b in zip(codes, by_unit):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert torch.equal(free["fc.bias"], free_by_unit["fc.bias"])  # free tensors mix by the network's proportions
+    by_group = mixed(params, 2, weights, torch.stack([weights, torch.eye(4)[[2, 3]]], dim=1))[0]
+    torch.testing.assert_close(by_group[0], codes[0])
+    torch.testing.assert_close(by_group[1][1], params["codes/1"][3])  # group 1 of network 1: wholly corner 3
+    # one unit's own proportions move that unit's code only
+    units = weights[:, None].expand(2, 5, 4).clone()
+    units[:, 4] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    moved = mixed(params, 2, weights, units)[0]
+    torch.testing.assert_close(moved[0], codes[0])
+    torch.testing.assert_close(moved[1][:, 0], codes[1][:, 0])
+    torch.testing.assert_close(moved[1][:, 1], params["codes/1"][0, 1].expand(2, 5))
+
+
 @pytest.fixture(scope="module")
 def codes(chain: dict[str, Path], tmp_path_factory) -> dict[str, Path]:
     """A codes generator on the digits chain's canonical zoo (4 corners of 2 simplices, 1 held out), 4 samples."""
@@ -128,9 +162,9 @@ def test_the_stored_size_is_what_stored_values_counts(codes: dict[str, Path]) ->
     assert space.size == counted == json.loads((codes["gen"] / "config.json").read_text())["space"]["size"]
 
 
-@pytest.mark.parametrize("diversity", [0.0, 0.5])
+@pytest.mark.parametrize("diversity, mixing", [(0.0, "network"), (0.5, "network"), (0.0, "group"), (0.5, "unit")])
 def test_a_killed_codes_training_resumes_to_the_same_generator(chain: dict[str, Path], tmp_path: Path,
-                                                               diversity: float) -> None:
+                                                               diversity: float, mixing: str) -> None:
     import safetensors.torch
 
     from wgen.checkpoints import open_zoo
@@ -138,7 +172,7 @@ def test_a_killed_codes_training_resumes_to_the_same_generator(chain: dict[str, 
 
     zoo = open_zoo(chain["canon"])
     config = TrainConfig(space="codes", space_args={"epochs": 0.5, "code_dim": 8, "corners": 4,
-                                                            "diversity": diversity}, holdout=0.2)
+                                                            "diversity": diversity, "mixing": mixing}, holdout=0.2)
     whole = train_generator(zoo, tmp_path / "whole", config, torch.device("cpu"))
     assert train_generator(zoo, tmp_path / "cut", config, torch.device("cpu"), stop_after=3) is None
     resumed = train_generator(zoo, tmp_path / "cut", config, torch.device("cpu"))
@@ -154,6 +188,7 @@ def test_a_killed_codes_training_resumes_to_the_same_generator(chain: dict[str, 
     ('{"hidden": 0}', "--hidden 0 must be >= 1"),
     ('{"diversity": -0.5}', "--diversity -0.5 must be >= 0"),
     ('{"corners": 1}', "--corners 1 spans no simplex"),
+    ('{"mixing": "layer"}', "--mixing 'layer' is not one of network, group, unit"),
     ('{"corners": 4, "simplices": 3}', "--simplices 3 leaves fewer than 2 of the 4 corners a simplex"),
     ('{"members": 3}', "the codes weight space has no setting 'members'"),
 ])

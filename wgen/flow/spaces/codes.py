@@ -19,8 +19,10 @@ decodes the mix and takes one step on the decoded network's loss. The members le
 tensor, the mean of every vector and their number of corners; their weights are not a starting point (a
 fresh base is). With ``diversity`` > 0 each step draws two mixes a simplex and adds
 ``diversity`` times ``error_overlap`` (how alike their wrong answers are) to their mean loss, which makes samples
-differ more and each a little less accurate. A sample is the decoded mix at a random point; its noise *is* its
-point (``drawn``).
+differ more and each a little less accurate. With ``mixing`` "group" (or "unit") the codes of every permutation
+group (every unit) mix the simplex's corners in proportions of their own, in training and in samples: a sample is a
+mosaic of the corners' pieces, which the shared decoder learns to make work together, and its coordinates hold one
+point a group (unit) more. A sample is the decoded mix at a random point; its noise *is* its point (``drawn``).
 BatchNorm statistics are not generated (decoded as mean 0, variance 1): samples are calibrated on the
 train split (``calibrates``). On the val splits its samples are new networks, as accurate as fresh runs on
 test_resnet and a point less on test_vit, but an ensemble of them misses the protocol's bar on both
@@ -45,6 +47,7 @@ from .subspace import (DrawnSpace, SubspaceOptions, mixing_network, proportions,
 from .units import GroupAxes, group_sizes, unit_groups
 
 STATISTICS = ("running_mean", "running_var")  # BatchNorm buffers: re-estimated, not generated
+MIXINGS = ("network", "group", "unit")  # what mixes its simplex's corners in proportions of its own
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class CodeOptions(SubspaceOptions):
     corners: int = 8  # code sets, any number (they do not start from members); 0: one per training member
     simplices: int = 2
     diversity: float = 0.0  # weight of the term that makes two mixes of a simplex err differently; > 0: two a step
+    mixing: str = "network"  # one of MIXINGS: "group"/"unit": each group's/unit's codes mix in their own proportions
 
     def limited(self) -> dict[str, float]:
         """Return ``{option: value}`` of every setting with a range (an auto lr has none)."""
@@ -71,6 +75,9 @@ class CodeOptions(SubspaceOptions):
         super().check()
         if self.corners == 1:
             raise WgenError("--corners 1 spans no simplex", "use --corners 2 or more (0: one per training member)")
+        if self.mixing not in MIXINGS:
+            raise WgenError(f"--mixing {self.mixing!r} is not one of {', '.join(MIXINGS)}",
+                            "use \"network\" (one mix a network), \"group\" (one a permutation group) or \"unit\"")
 
 
 def learning_rate(model: torch.nn.Module) -> float:
@@ -196,6 +203,8 @@ class CodeSpace(DrawnSpace):
         super().__init__(layout)
         self.groups, self.decoder, self.params, self.training = groups, decoder, params, training
         self.simplices = int(training["simplices"])
+        # generators from before the option mixed whole networks
+        self.parts = parts_of(training.get("mixing", "network"), group_sizes(groups, layout))
 
     @property
     def corners(self) -> int:
@@ -256,19 +265,18 @@ class CodeSpace(DrawnSpace):
     def vectors(self, coords: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         device = next(iter(self.params.values())).device
         coords = coords.to(device).float()
-        k = self.per_simplex
-        mix = proportions(coords[:, :k])
-        which = simplex_of(coords[:, k], self.simplices) if self.simplices > 1 else mix.new_zeros(len(coords), dtype=torch.long)
-        # a sample's proportions over its own simplex's corners, 0 elsewhere
-        weights = mix.new_zeros(len(coords), self.simplices, k)
-        weights[torch.arange(len(coords), device=device), which] = mix
-        return self.decode(weights.view(len(coords), self.corners), which, out)
+        k, p = self.per_simplex, self.parts
+        which = simplex_of(coords[:, -1], self.simplices) if self.simplices > 1 else coords.new_zeros(len(coords), dtype=torch.long)
+        parts = placed(proportions(coords[:, k:k * (1 + p)].view(len(coords), p, k)), which, self.simplices) if p else None
+        return self.decode(placed(proportions(coords[:, :k]), which, self.simplices), which, out, parts)
 
-    def decode(self, weights: torch.Tensor, which: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Return the raw vectors ``[N, dim]`` of the networks whose codes are mixed by ``weights`` ``[N, corners]``,
-        on the bases of simplices ``which`` ``[N]`` (into ``out`` if given)."""
+    def decode(self, weights: torch.Tensor, which: torch.Tensor, out: torch.Tensor | None = None,
+               parts: torch.Tensor | None = None) -> torch.Tensor:
+        """Return the raw vectors ``[N, dim]`` of the networks whose codes are mixed by ``weights`` ``[N, corners]``
+        (or group by group or unit by unit by ``parts``, see ``mixed``), on the bases of simplices ``which``
+        ``[N]`` (into ``out`` if given)."""
         with torch.no_grad():
-            tensors = self.decoder.tensors(self.params, *mixed(self.params, len(self.groups), weights), which)
+            tensors = self.decoder.tensors(self.params, *mixed(self.params, len(self.groups), weights, parts), which)
         out = weights.new_zeros(len(weights), self.layout.dim) if out is None else out.zero_()
         for slot in self.layout.slots:
             if slot.key in tensors:
@@ -277,15 +285,24 @@ class CodeSpace(DrawnSpace):
 
     def describe(self) -> str:
         t = self.training
-        return (f"codes of {t['corners']} corners ({self.simplices} simplices) decoded to {self.layout.dim:,} weights "
-                f"by a shared decoder; {self.size:,} values stored; trained {t['steps']} steps")
+        by = f"mixed {self.training.get('mixing', 'network')} by {self.training.get('mixing', 'network')}"
+        return (f"codes of {t['corners']} corners ({self.simplices} simplices), {by}, decoded to {self.layout.dim:,} "
+                f"weights by a shared decoder; {self.size:,} values stored; trained {t['steps']} steps")
 
 
-def mixed(params: dict[str, torch.Tensor], groups: int, weights: torch.Tensor
+def mixed(params: dict[str, torch.Tensor], groups: int, weights: torch.Tensor, parts: torch.Tensor | None = None
           ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Return the codes ``[B, units, d]`` of every group and the free tensors ``[B, ...]`` mixed by ``weights``
-    ``[B, corners]``."""
-    codes = [torch.einsum("bk,kud->bud", weights, params[f"codes/{g}"]) for g in range(groups)]
+    ``[B, corners]``; the codes instead by ``parts`` if given: ``[B, groups, corners]``, a row a group, or ``[B,
+    units, corners]``, a row a unit (every group's units in order)."""
+    tables = [params[f"codes/{g}"] for g in range(groups)]
+    if parts is None:
+        codes = [torch.einsum("bk,kud->bud", weights, table) for table in tables]
+    elif parts.shape[1] == groups:  # (were every group one unit, the two readings would agree)
+        codes = [torch.einsum("bk,kud->bud", parts[:, g], table) for g, table in enumerate(tables)]
+    else:
+        codes = [torch.einsum("buk,kud->bud", part_, table)
+                 for part_, table in zip(parts.split([t.shape[1] for t in tables], dim=1), tables)]
     free = {k[len("free/"):]: torch.tensordot(weights, v, dims=1) for k, v in params.items() if k.startswith("free/")}
     return codes, free
 
@@ -332,21 +349,24 @@ def _train(first: StateDict, initial: dict[str, torch.Tensor], decoder: Decoder,
     spent (``first``: a member, whose buffers the network runs with)."""
     params = {k: v.to(context.device).requires_grad_(True) for k, v in initial.items()}
     model, buffers = mixing_network(first, context)
+    parts = parts_of(options.mixing, [initial[f"codes/{g}"].shape[1] for g in range(groups)])
     losses, seconds = train_mixtures(
         params, lambda mix, x, y: _mixed_loss(model, decoder, params, groups, buffers, mix, x, y, options.diversity),
-        corners, options, context, "codes", "param.", draws=2 if options.diversity > 0 else 1)
+        corners, options, context, "codes", "param.", draws=2 if options.diversity > 0 else 1, parts=parts)
     return params, losses, seconds
 
 
 def _mixed_loss(model: torch.nn.Module, decoder: Decoder, params: dict[str, torch.Tensor], groups: int,
                 buffers: StateDict, mix: torch.Tensor, x: torch.Tensor, y: torch.Tensor, diversity: float) -> torch.Tensor:
     """Return the cross-entropy of the batch ``(x, y)`` split among the simplices, part ``s`` through the network
-    decoded from simplex ``s``'s codes mixed in proportions ``mix[d, s]`` of each draw ``d``; with two draws, plus
-    ``diversity`` times how alike the two networks' wrong answers are (``error_overlap``)."""
-    draws, simplices, _ = mix.shape
-    weights = mixing_matrix(mix)
+    decoded from simplex ``s``'s codes mixed in proportions ``mix[d, s]`` of each draw ``d`` (``[draws, simplices,
+    1 + parts, k]``: the network's proportions, then each group's or unit's); with two draws, plus ``diversity``
+    times how alike the two networks' wrong answers are (``error_overlap``)."""
+    draws, simplices = mix.shape[:2]
+    by_part = mix.dim() == 4
+    weights, parts = (mixing_matrix(mix[:, :, 0]), mixing_matrix(mix[:, :, 1:])) if by_part else (mixing_matrix(mix), None)
     which = torch.arange(simplices, device=x.device).repeat(draws)
-    tensors = decoder.tensors(params, *mixed(params, groups, weights), which)
+    tensors = decoder.tensors(params, *mixed(params, groups, weights, parts), which)
     if draws == 1:
         return split_loss(model, lambda s: {key: v[s] for key, v in tensors.items()}, buffers, simplices, x, y)
     loss = x.new_zeros(())
@@ -358,14 +378,23 @@ def _mixed_loss(model: torch.nn.Module, decoder: Decoder, params: dict[str, torc
     return loss
 
 
+def parts_of(mixing: str, sizes: list[int]) -> int:
+    """Return how many parts mix in proportions of their own under ``mixing`` (``sizes``: units of each group)."""
+    return {"network": 0, "group": len(sizes), "unit": sum(sizes)}[mixing]
+
+
 def mixing_matrix(mix: torch.Tensor) -> torch.Tensor:
-    """Return ``[draws * simplices, corners]``: row ``d * simplices + s`` holds ``mix[d, s]`` at simplex ``s``'s
-    corners, 0 elsewhere."""
-    draws, simplices, k = mix.shape
-    weights = mix.new_zeros(draws, simplices, simplices, k)
-    index = torch.arange(simplices, device=mix.device)
-    weights[:, index, index] = mix
-    return weights.view(draws * simplices, simplices * k)
+    """Return ``[draws * simplices, ..., corners]`` from ``mix`` ``[draws, simplices, ..., k]``: row ``d * simplices
+    + s`` holds ``mix[d, s]`` at simplex ``s``'s corners, 0 elsewhere."""
+    draws, simplices = mix.shape[:2]
+    return placed(mix.flatten(0, 1), torch.arange(simplices, device=mix.device).repeat(draws), simplices)
+
+
+def placed(mix: torch.Tensor, which: torch.Tensor, simplices: int) -> torch.Tensor:
+    """Return ``[N, ..., simplices * k]``: each row's proportions ``mix`` ``[N, ..., k]`` at the corners of its
+    simplex ``which`` ``[N]``, 0 elsewhere."""
+    onehot = F.one_hot(which, simplices).to(mix.dtype).view(len(which), *[1] * (mix.dim() - 2), simplices, 1)
+    return (mix.unsqueeze(-2) * onehot).flatten(-2)
 
 
 def error_overlap(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

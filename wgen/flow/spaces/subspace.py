@@ -102,10 +102,13 @@ def proportions(noise: torch.Tensor) -> torch.Tensor:
 
 class DrawnSpace(WeightSpace):
     """A space whose samples are drawn as points of ``simplices`` simplices of ``per_simplex`` corners each: the
-    coordinates are the standard normal noise of a point (``proportions``) and, with more than one simplex, of
-    its simplex (``simplex_of``). Members have no coordinates."""
+    coordinates are the standard normal noise of a point (``proportions``), then of each of ``parts`` parts' own
+    point when parts of a network mix on their own, and, with more than one simplex, of its simplex (``simplex_of``,
+    last).
+    Members have no coordinates."""
 
     simplices: int
+    parts: int = 0  # parts of a network (groups, units) in proportions of their own: k more coordinates each
 
     @property
     def per_simplex(self) -> int:
@@ -114,7 +117,7 @@ class DrawnSpace(WeightSpace):
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (self.per_simplex + (self.simplices > 1),)
+        return (self.per_simplex * (1 + self.parts) + (self.simplices > 1),)
 
     def encode(self, states: list[StateDict]) -> torch.Tensor:
         raise WgenError(f"a {self.kind} generator has no coordinates for members: its samples are drawn, not flowed",
@@ -211,10 +214,11 @@ def mixing_network(first: StateDict, context: FitContext) -> tuple[torch.nn.Modu
 
 def train_mixtures(params: dict[str, torch.Tensor], mixed_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
                    torch.Tensor], corners: int, options: SubspaceOptions, context: FitContext, stage: str,
-                   prefix: str, draws: int = 1) -> tuple[list[float], float]:
+                   prefix: str, draws: int = 1, parts: int = 0) -> tuple[list[float], float]:
     """Train ``params`` (AdamW, warmup and cosine) on ``mixed_loss(mix, x, y)`` of the train split's batches, ``mix``
-    ``[draws, simplices, corners // simplices]`` fresh Dirichlet(1) proportions every step; return the loss of every
-    step and the seconds spent. Resumes from (and every ``CHECKPOINT_EVERY`` steps writes, tensors under ``prefix``)
+    ``[draws, simplices, corners // simplices]`` fresh Dirichlet(1) proportions every step (with ``parts`` > 0,
+    ``[draws, simplices, 1 + parts, corners // simplices]``: the network's, then each part's); return the loss of
+    every step and the seconds spent. Resumes from (and every ``CHECKPOINT_EVERY`` steps writes, tensors under ``prefix``)
     ``context.checkpoints``.
 
     Step ``s`` sees the batches of epoch ``s // per_epoch`` in the order seeded by that epoch, and mixes the
@@ -235,8 +239,10 @@ def train_mixtures(params: dict[str, torch.Tensor], mixed_loss: Callable[[torch.
         usable = (batch for batch in data.batches("train", options.batch_size, order) if len(batch[1]) >= smallest)
         for x, y in itertools.islice(usable, offset, None):
             step = len(losses)
-            noise = torch.randn(draws * corners, generator=torch.Generator().manual_seed(context.seed * STEP_SEEDS + step))
-            loss = mixed_loss(proportions(noise.view(draws, simplices, -1)).to(device), x.to(device), y.to(device))
+            seed = context.seed * STEP_SEEDS + step
+            noise = torch.randn(draws * corners * (1 + parts), generator=torch.Generator().manual_seed(seed))
+            shape = (draws, simplices, 1 + parts, -1) if parts else (draws, simplices, -1)
+            loss = mixed_loss(proportions(noise.view(shape)).to(device), x.to(device), y.to(device))
             for group in optimizer.param_groups:
                 group["lr"] = warmup_cosine(step, options.lr, options.warmup_steps, total)
             optimizer.zero_grad(set_to_none=True)
