@@ -154,6 +154,23 @@ def test_codes_samples_load_work_and_are_new(codes: dict[str, Path], run_cli) ->
     assert samples["nn_ratio"]["min"] > 1.0  # on their own random base, nowhere near a member
 
 
+def test_groups_mix_on_their_own_by_default_and_older_generators_mix_networks(codes: dict[str, Path],
+                                                                              tmp_path: Path) -> None:
+    import shutil
+
+    from wgen.flow.generator import load_generator
+
+    space = load_generator(codes["gen"]).space
+    assert space.training["mixing"] == "group" and space.parts == len(space.groups)
+    assert space.shape == (2 * (1 + len(space.groups)) + 1,)  # 2 corners a simplex: the network's, each group's; simplex
+    older = shutil.copytree(codes["gen"], tmp_path / "older")
+    config = json.loads((older / "config.json").read_text())
+    del config["space"]["training"]["mixing"]
+    (older / "config.json").write_text(json.dumps(config))
+    space = load_generator(older).space
+    assert space.parts == 0 and space.shape == (3,)
+
+
 def test_the_stored_size_is_what_stored_values_counts(codes: dict[str, Path]) -> None:
     from wgen.flow.generator import load_generator
 

@@ -62,7 +62,8 @@ class CodeOptions(SubspaceOptions):
     corners: int = 8  # code sets, any number (they do not start from members); 0: one per training member
     simplices: int = 2
     diversity: float = 0.0  # weight of the term that makes two mixes of a simplex err differently; > 0: two a step
-    mixing: str = "network"  # one of MIXINGS: "group"/"unit": each group's/unit's codes mix in their own proportions
+    mixing: str = "group"  # one of MIXINGS: each group's codes mix in proportions of their own (more accurate, more
+    # diverse samples than one mix a network on both val splits, docs/benchmarks.md)
 
     def limited(self) -> dict[str, float]:
         """Return ``{option: value}`` of every setting with a range (an auto lr has none)."""
