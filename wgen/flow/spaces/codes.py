@@ -24,9 +24,9 @@ group (every unit) mix the simplex's corners in proportions of their own, in tra
 mosaic of the corners' pieces, which the shared decoder learns to make work together, and its coordinates hold one
 point a group (unit) more. A sample is the decoded mix at a random point; its noise *is* its point (``drawn``).
 BatchNorm statistics are not generated (decoded as mean 0, variance 1): samples are calibrated on the
-train split (``calibrates``). On the val splits its samples are new networks, as accurate as fresh runs on
-test_resnet and a point less on test_vit, but an ensemble of them misses the protocol's bar on both
-(docs/benchmarks.md): it is selectable, not the default.
+train split (``calibrates``). On the val splits its samples (a mix a group) are new networks, a little more
+accurate than fresh runs on test_resnet and half a point less on test_vit, but an ensemble of them misses the
+protocol's bar on both (docs/benchmarks.md): it is selectable, not the default.
 """
 
 from __future__ import annotations
