@@ -104,8 +104,7 @@ class DrawnSpace(WeightSpace):
     """A space whose samples are drawn as points of ``simplices`` simplices of ``per_simplex`` corners each: the
     coordinates are the standard normal noise of a point (``proportions``), then of each of ``parts`` parts' own
     point when parts of a network mix on their own, and, with more than one simplex, of its simplex (``simplex_of``,
-    last).
-    Members have no coordinates."""
+    last). Members have no coordinates."""
 
     simplices: int
     parts: int = 0  # parts of a network (groups, units) in proportions of their own: k more coordinates each
