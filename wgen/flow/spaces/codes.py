@@ -204,8 +204,8 @@ class CodeSpace(DrawnSpace):
         super().__init__(layout)
         self.groups, self.decoder, self.params, self.training = groups, decoder, params, training
         self.simplices = int(training["simplices"])
-        # generators from before the option mixed whole networks
-        self.parts = parts_of(training.get("mixing", "network"), group_sizes(groups, layout))
+        self.mixing = training.get("mixing", "network")  # generators from before the option mixed whole networks
+        self.parts = parts_of(self.mixing, group_sizes(groups, layout))
 
     @property
     def corners(self) -> int:
@@ -236,8 +236,10 @@ class CodeSpace(DrawnSpace):
         scales, means, free = _member_statistics(states, plans)
         bases = random_bases(plans, scales, context.seed, options.simplices)
         decoder = Decoder(plans, scales, {k: v.to(context.device) for k, v in bases.items()})
-        initial = _initial(decoder, group_sizes(groups, layout), count, means, free, options, context.seed)
-        params, losses, seconds = _train(states[0], initial, decoder, len(groups), count, options, context)
+        sizes = group_sizes(groups, layout)
+        initial = _initial(decoder, sizes, count, means, free, options, context.seed)
+        params, losses, seconds = _train(states[0], initial, decoder, len(groups), parts_of(options.mixing, sizes), count,
+                                         options, context)
         training = {**asdict(options), "corners": count, "base_seed": context.seed, "steps": len(losses),
                     "final_loss": round(recent_loss(losses), 5), "seconds": round(seconds, 2)}
         return cls(layout, groups, decoder, {k: v.detach() for k, v in params.items()}, training)
@@ -286,9 +288,9 @@ class CodeSpace(DrawnSpace):
 
     def describe(self) -> str:
         t = self.training
-        by = f"mixed {self.training.get('mixing', 'network')} by {self.training.get('mixing', 'network')}"
-        return (f"codes of {t['corners']} corners ({self.simplices} simplices), {by}, decoded to {self.layout.dim:,} "
-                f"weights by a shared decoder; {self.size:,} values stored; trained {t['steps']} steps")
+        return (f"codes of {t['corners']} corners ({self.simplices} simplices), mixed {self.mixing} by {self.mixing}, "
+                f"decoded to {self.layout.dim:,} weights by a shared decoder; {self.size:,} values stored; "
+                f"trained {t['steps']} steps")
 
 
 def mixed(params: dict[str, torch.Tensor], groups: int, weights: torch.Tensor, parts: torch.Tensor | None = None
@@ -344,13 +346,12 @@ def stored_values(plans: list[Plan], groups: list[GroupAxes], layout: Layout, op
     return corners * (units * options.code_dim + free) + decoder
 
 
-def _train(first: StateDict, initial: dict[str, torch.Tensor], decoder: Decoder, groups: int, corners: int,
+def _train(first: StateDict, initial: dict[str, torch.Tensor], decoder: Decoder, groups: int, parts: int, corners: int,
            options: CodeOptions, context: FitContext) -> tuple[dict[str, torch.Tensor], list[float], float]:
     """Return the trained codes, free tensors and decoder (from ``initial``), the loss of every step and the seconds
-    spent (``first``: a member, whose buffers the network runs with)."""
+    spent (``first``: a member, whose buffers the network runs with; ``parts``: how many mix on their own)."""
     params = {k: v.to(context.device).requires_grad_(True) for k, v in initial.items()}
     model, buffers = mixing_network(first, context)
-    parts = parts_of(options.mixing, [initial[f"codes/{g}"].shape[1] for g in range(groups)])
     losses, seconds = train_mixtures(
         params, lambda mix, x, y: _mixed_loss(model, decoder, params, groups, buffers, mix, x, y, options.diversity),
         corners, options, context, "codes", "param.", draws=2 if options.diversity > 0 else 1, parts=parts)
