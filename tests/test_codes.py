@@ -74,7 +74,7 @@ def test_the_generator_grows_with_the_widths_not_with_the_parameters() -> None:
 
 def test_the_auto_lr_is_higher_behind_batchnorm() -> None:
     assert learning_rate(ModelSpec("test_resnet", 10, {}).create("meta")) == 1e-2
-    assert learning_rate(ModelSpec("test_vit", 10, {"img_size": 32, "patch_size": 8}).create("meta")) == 1e-3
+    assert learning_rate(ModelSpec("test_vit", 10, {"img_size": 32, "patch_size": 8}).create("meta")) == 3e-3
 
 
 def test_error_overlap_is_one_for_alike_mistakes_and_zero_for_disjoint_ones() -> None:
