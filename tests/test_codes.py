@@ -10,6 +10,7 @@ import timm
 import torch
 
 from wgen.checkpoints import ModelSpec
+from wgen.errors import WgenError
 from wgen.flow.spaces.base import FitContext, Layout
 from wgen.flow.spaces.codes import (CodeOptions, Decoder, error_overlap, learning_rate, mixed, mixing_matrix, plans_of,
                                     random_bases, stored_values)
@@ -198,6 +199,23 @@ def test_a_killed_codes_training_resumes_to_the_same_generator(chain: dict[str, 
     a = safetensors.torch.load_file(str(tmp_path / "whole" / "space.safetensors"))
     b = safetensors.torch.load_file(str(tmp_path / "cut" / "space.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpoint_of_another_auto_lr_is_refused(chain: dict[str, Path], tmp_path: Path) -> None:
+    from wgen.checkpoints import open_zoo
+    from wgen.flow.train import TrainConfig, train_generator
+
+    zoo = open_zoo(chain["canon"])
+    config = TrainConfig(space="codes", space_args={"epochs": 0.5, "code_dim": 8, "corners": 4}, holdout=0.2)
+    assert train_generator(zoo, tmp_path / "gen", config, torch.device("cpu"), stop_after=2) is None
+    state = tmp_path / "gen" / "checkpoint" / "state.json"
+    info = json.loads(state.read_text())
+    assert info["lr"] == 1e-2  # test_resnet has BatchNorm: the auto lr, as resolved in training
+    state.write_text(json.dumps({**info, "lr": 1e-3}))  # as if a wgen with another auto lr had written it
+    before = state.read_bytes()
+    with pytest.raises(WgenError, match="a checkpoint trained with lr 0.001, and this run trains with 0.01"):
+        train_generator(zoo, tmp_path / "gen", config, torch.device("cpu"))
+    assert state.read_bytes() == before  # the checkpoint is kept
 
 
 @pytest.mark.parametrize("args, message", [

@@ -156,6 +156,6 @@ def test_a_checkpoint_of_another_number_of_simplices_is_refused(chain: dict[str,
     assert info["simplices"] == 1  # 5 corners: one simplex
     state.write_text(json.dumps({**info, "simplices": 2}))
     before = state.read_bytes()
-    with pytest.raises(WgenError, match="a checkpoint of 2 simplices, and this run trains 1"):
+    with pytest.raises(WgenError, match="a checkpoint trained with simplices 2, and this run trains with 1"):
         train_generator(zoo, tmp_path / "gen", config, torch.device("cpu"))
     assert state.read_bytes() == before  # the checkpoint is kept

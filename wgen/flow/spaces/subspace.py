@@ -229,7 +229,8 @@ def train_mixtures(params: dict[str, torch.Tensor], mixed_loss: Callable[[torch.
     smallest = 2 * simplices  # every simplex's part of a batch needs 2 examples for batch statistics
     per_epoch = examples // options.batch_size + (examples % options.batch_size >= smallest)
     total = max(1, math.ceil(options.epochs * per_epoch))
-    losses, earlier = _resume(context.checkpoints, params, optimizer, device, simplices, prefix)
+    settings = {"simplices": simplices, "lr": options.lr}  # a resume under other ones is refused (_resume)
+    losses, earlier = _resume(context.checkpoints, params, optimizer, device, settings, prefix)
     started = time.perf_counter()
     context.progress.stage(stage, total, len(losses))
     while len(losses) < total:
@@ -254,8 +255,7 @@ def train_mixtures(params: dict[str, torch.Tensor], mixed_loss: Callable[[torch.
             context.progress.advance(1, f"loss {recent_loss(losses):.4f}")
             seconds = earlier + time.perf_counter() - started
             if context.checkpoints is not None and (len(losses) % CHECKPOINT_EVERY == 0 or len(losses) == context.stop_after):
-                _save(context.checkpoints, params, optimizer, losses, seconds, {**context.meta, "simplices": simplices},
-                      prefix)
+                _save(context.checkpoints, params, optimizer, losses, seconds, {**context.meta, **settings}, prefix)
             if context.stop_after is not None and len(losses) >= context.stop_after:
                 raise FitStopped
             if len(losses) == total:
@@ -297,18 +297,22 @@ def _save(folder: Path, params: dict[str, torch.Tensor], optimizer: torch.optim.
 
 
 def _resume(folder: Path | None, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-            device: torch.device, simplices: int, prefix: str) -> tuple[list[float], float]:
+            device: torch.device, settings: dict[str, Any], prefix: str) -> tuple[list[float], float]:
     """Restore a checkpoint of ``folder`` into ``params`` and ``optimizer``; return its losses and seconds.
 
-    A checkpoint of another number of simplices (say, written before the default changed) is refused."""
+    A checkpoint written under other ``settings`` (``simplices``, ``lr``: say, before a default changed, which the
+    recorded options cannot show when the default is resolved in training, as the codes space's auto lr is) is
+    refused. Checkpoints from before the record trained one simplex; their lr cannot be told."""
     saved = read_state(folder) if folder is not None else None
     if saved is None or "losses" not in saved[1]:
         return [], 0.0
     tensors, info = saved
-    saved_simplices = info.get("simplices", 1)  # checkpoints from before the option trained one
-    if saved_simplices != simplices:
-        raise WgenError(f"{folder}: a checkpoint of {saved_simplices} simplices, and this run trains {simplices}",
-                        "pass --force to start again (a checkpoint of an older wgen, whose default was one simplex)")
+    recorded = {"simplices": info.get("simplices", 1), "lr": info.get("lr", settings["lr"])}
+    for name, value in settings.items():
+        if recorded[name] != value:
+            raise WgenError(f"{folder}: a checkpoint trained with {name} {recorded[name]:g}, and this run trains with "
+                            f"{value:g}", "pass --force to start again (the checkpoint of an older wgen, whose "
+                            "default differed)")
     with torch.no_grad():
         for k, v in part(tensors, prefix).items():
             params[k].copy_(v.to(device))
