@@ -12,8 +12,8 @@ import torch
 from wgen.checkpoints import ModelSpec
 from wgen.errors import WgenError
 from wgen.flow.spaces.base import FitContext, Layout
-from wgen.flow.spaces.codes import (CodeOptions, Decoder, error_overlap, learning_rate, mixed, mixing_matrix, plans_of,
-                                    random_bases, stored_values)
+from wgen.flow.spaces.codes import (CodeOptions, Decoder, distilled_targets, error_overlap, learning_rate, mixed,
+                                    mixing_matrix, plans_of, random_bases, stored_values)
 from wgen.flow.spaces.units import group_sizes, unit_groups
 
 
@@ -180,9 +180,10 @@ def test_the_stored_size_is_what_stored_values_counts(codes: dict[str, Path]) ->
     assert space.size == counted == json.loads((codes["gen"] / "config.json").read_text())["space"]["size"]
 
 
-@pytest.mark.parametrize("diversity, mixing", [(0.0, "network"), (0.5, "network"), (0.0, "group"), (0.5, "unit")])
+@pytest.mark.parametrize("diversity, mixing, distill", [(0.0, "network", 0.0), (0.5, "network", 0.0),
+                                                      (0.0, "group", 0.5), (0.5, "unit", 0.5)])
 def test_a_killed_codes_training_resumes_to_the_same_generator(chain: dict[str, Path], tmp_path: Path,
-                                                               diversity: float, mixing: str) -> None:
+                                                               diversity: float, mixing: str, distill: float) -> None:
     import safetensors.torch
 
     from wgen.checkpoints import open_zoo
@@ -190,7 +191,8 @@ def test_a_killed_codes_training_resumes_to_the_same_generator(chain: dict[str, 
 
     zoo = open_zoo(chain["canon"])
     config = TrainConfig(space="codes", space_args={"epochs": 0.5, "code_dim": 8, "corners": 4,
-                                                            "diversity": diversity, "mixing": mixing}, holdout=0.2)
+                                                            "diversity": diversity, "mixing": mixing,
+                                                            "distill": distill}, holdout=0.2)
     whole = train_generator(zoo, tmp_path / "whole", config, torch.device("cpu"))
     assert train_generator(zoo, tmp_path / "cut", config, torch.device("cpu"), stop_after=3) is None
     resumed = train_generator(zoo, tmp_path / "cut", config, torch.device("cpu"))
@@ -199,6 +201,29 @@ def test_a_killed_codes_training_resumes_to_the_same_generator(chain: dict[str, 
     a = safetensors.torch.load_file(str(tmp_path / "whole" / "space.safetensors"))
     b = safetensors.torch.load_file(str(tmp_path / "cut" / "space.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_distilled_targets_mix_each_label_with_the_members_mean_prediction(chain: dict[str, Path]) -> None:
+    from wgen.checkpoints import open_zoo
+    from wgen.data import data_for_zoo
+
+    zoo = open_zoo(chain["canon"])
+    states = [zoo.load(m) for m in zoo.members[:3]]
+    data = data_for_zoo(zoo.info, None, zoo.preprocessing()[0])
+    context = FitContext(torch.device("cpu"), zoo.spec, zoo.preprocessing()[0], data)
+    x, labels = data.tensors("train")
+    model = zoo.spec.create("cpu").eval()
+    mean = torch.zeros(len(labels), data.num_classes)
+    with torch.no_grad():
+        for state in states:
+            model.load_state_dict(state)
+            mean += model(x).softmax(dim=-1) / len(states)
+    onehot = torch.nn.functional.one_hot(labels, data.num_classes).float()
+    assert torch.equal(distilled_targets(states, 0.0, context), onehot)
+    torch.testing.assert_close(distilled_targets(states, 1.0, context), mean, atol=1e-5, rtol=0)
+    half = distilled_targets(states, 0.5, context)
+    torch.testing.assert_close(half, (onehot + mean) / 2, atol=1e-5, rtol=0)
+    torch.testing.assert_close(half.sum(dim=1), torch.ones(len(labels)))
 
 
 def test_a_checkpoint_of_another_auto_lr_is_refused(chain: dict[str, Path], tmp_path: Path) -> None:
@@ -222,6 +247,7 @@ def test_a_checkpoint_of_another_auto_lr_is_refused(chain: dict[str, Path], tmp_
     ('{"code_dim": 0}', "--code-dim 0 must be >= 1"),
     ('{"hidden": 0}', "--hidden 0 must be >= 1"),
     ('{"diversity": -0.5}', "--diversity -0.5 must be >= 0"),
+    ('{"distill": 1.5}', "--distill 1.5 must be in [0, 1]"),
     ('{"corners": 1}', "--corners 1 spans no simplex"),
     ('{"mixing": "layer"}', "--mixing 'layer' is not one of network, group, unit"),
     ('{"corners": 4, "simplices": 3}', "--simplices 3 leaves fewer than 2 of the 4 corners a simplex"),

@@ -353,12 +353,16 @@ class SplitData:
         std = torch.tensor(self.std).view(1, -1, 1, 1)
         return (x - mean) / std, self.source.labels(indices)
 
+    def order(self, split: str, generator: torch.Generator | None = None) -> np.ndarray:
+        """Return the positions ``0..n-1`` of ``split``'s examples in the order ``batches`` deals them: shuffled
+        when a generator is given (a training loop that looks up per-example values by position uses it)."""
+        count = len(self.indices[split])
+        return torch.randperm(count, generator=generator).numpy() if generator is not None else np.arange(count)
+
     def batches(self, split: str, batch_size: int, generator: torch.Generator | None = None
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``(inputs, labels)`` batches of ``split``; shuffled when a generator is given."""
-        idx = self.indices[split]
-        if generator is not None:
-            idx = idx[torch.randperm(len(idx), generator=generator).numpy()]
+        idx = self.indices[split][self.order(split, generator)]
         for start in range(0, len(idx), batch_size):
             yield self.batch(idx[start:start + batch_size])
 

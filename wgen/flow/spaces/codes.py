@@ -62,13 +62,14 @@ class CodeOptions(SubspaceOptions):
     corners: int = 8  # code sets, any number (they do not start from members); 0: one per training member
     simplices: int = 2
     diversity: float = 0.0  # weight of the term that makes two mixes of a simplex err differently; > 0: two a step
+    distill: float = 0.0  # share of the training members' mean prediction in each train example's target
     mixing: str = "group"  # one of MIXINGS: each group's codes mix in proportions of their own (more accurate, more
     # diverse samples than one mix a network on both val splits, docs/benchmarks.md)
 
     def limited(self) -> dict[str, float]:
         """Return ``{option: value}`` of every setting with a range (an auto lr has none)."""
         limited = {**super().limited(), "--code-dim": self.code_dim, "--hidden": self.hidden,
-                   "--diversity": self.diversity}
+                   "--diversity": self.diversity, "--distill": self.distill}
         return {k: v for k, v in limited.items() if (k, v) != ("--lr", 0.0)}
 
     def check(self) -> None:
@@ -239,8 +240,9 @@ class CodeSpace(DrawnSpace):
         decoder = Decoder(plans, scales, {k: v.to(context.device) for k, v in bases.items()})
         sizes = group_sizes(groups, layout)
         initial = _initial(decoder, sizes, count, means, free, options, context.seed)
+        targets = distilled_targets(states, options.distill, context) if options.distill else None
         params, losses, seconds = _train(states[0], initial, decoder, len(groups), parts_of(options.mixing, sizes), count,
-                                         options, context)
+                                         options, context, targets)
         training = {**asdict(options), "corners": count, "base_seed": context.seed, "steps": len(losses),
                     "final_loss": round(recent_loss(losses), 5), "seconds": round(seconds, 2)}
         return cls(layout, groups, decoder, {k: v.detach() for k, v in params.items()}, training)
@@ -347,21 +349,41 @@ def stored_values(plans: list[Plan], groups: list[GroupAxes], layout: Layout, op
     return corners * (units * options.code_dim + free) + decoder
 
 
+def distilled_targets(states: list[StateDict], share: float, context: FitContext) -> torch.Tensor:
+    """Return ``[train examples, classes]``: each train example's label (one-hot) times ``1 - share`` plus ``share``
+    times the members' mean softmax (each in eval mode, with its own BatchNorm statistics), one member at a time."""
+    data, device = context.data, context.device
+    model = context.spec.create(device).eval()
+    mean = torch.zeros(len(data.indices["train"]), data.num_classes)
+    with torch.no_grad():
+        for state in states:
+            model.load_state_dict(state)
+            mean += torch.cat([model(x.to(device)).float().softmax(dim=-1).cpu() for x, _ in data.batches("train", 256)])
+    labels = data.source.labels(data.indices["train"])
+    return (1 - share) * F.one_hot(labels, data.num_classes).float() + share * mean / len(states)
+
+
 def _train(first: StateDict, initial: dict[str, torch.Tensor], decoder: Decoder, groups: int, parts: int, corners: int,
-           options: CodeOptions, context: FitContext) -> tuple[dict[str, torch.Tensor], list[float], float]:
+           options: CodeOptions, context: FitContext, targets: torch.Tensor | None
+           ) -> tuple[dict[str, torch.Tensor], list[float], float]:
     """Return the trained codes, free tensors and decoder (from ``initial``), the loss of every step and the seconds
-    spent (``first``: a member, whose buffers the network runs with; ``parts``: how many mix on their own)."""
+    spent (``first``: a member, whose buffers the network runs with; ``parts``: how many mix on their own;
+    ``targets``: what each train example's cross-entropy fits, if not its label)."""
     params = {k: v.to(context.device).requires_grad_(True) for k, v in initial.items()}
     model, buffers = mixing_network(first, context)
     losses, seconds = train_mixtures(
-        params, lambda mix, x, y: _mixed_loss(model, decoder, params, groups, buffers, mix, x, y, options.diversity),
-        corners, options, context, "codes", "param.", draws=2 if options.diversity > 0 else 1, parts=parts)
+        params, lambda mix, x, y, target: _mixed_loss(model, decoder, params, groups, buffers, mix, x, y, target,
+                                                      options.diversity),
+        corners, options, context, "codes", "param.", draws=2 if options.diversity > 0 else 1, parts=parts,
+        targets=targets)
     return params, losses, seconds
 
 
 def _mixed_loss(model: torch.nn.Module, decoder: Decoder, params: dict[str, torch.Tensor], groups: int,
-                buffers: StateDict, mix: torch.Tensor, x: torch.Tensor, y: torch.Tensor, diversity: float) -> torch.Tensor:
-    """Return the cross-entropy of the batch ``(x, y)`` split among the simplices, part ``s`` through the network
+                buffers: StateDict, mix: torch.Tensor, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor,
+                diversity: float) -> torch.Tensor:
+    """Return the cross-entropy to ``target`` (``y``, the labels, or class distributions) of the batch ``x`` split
+    among the simplices, part ``s`` through the network
     decoded from simplex ``s``'s codes mixed in proportions ``mix[d, s]`` of each draw ``d`` (``[draws, simplices,
     1 + parts, k]``: the network's proportions, then each group's or unit's); with two draws, plus ``diversity``
     times how alike the two networks' wrong answers are (``error_overlap``)."""
@@ -371,12 +393,12 @@ def _mixed_loss(model: torch.nn.Module, decoder: Decoder, params: dict[str, torc
     which = torch.arange(simplices, device=x.device).repeat(draws)
     tensors = decoder.tensors(params, *mixed(params, groups, weights, parts), which)
     if draws == 1:
-        return split_loss(model, lambda s: {key: v[s] for key, v in tensors.items()}, buffers, simplices, x, y)
+        return split_loss(model, lambda s: {key: v[s] for key, v in tensors.items()}, buffers, simplices, x, target)
     loss = x.new_zeros(())
-    for s, (xs, ys) in enumerate(zip(x.tensor_split(simplices), y.tensor_split(simplices))):
+    for s, (xs, ys, ts) in enumerate(zip(*(v.tensor_split(simplices) for v in (x, y, target)))):
         logits = [functional_call(model, {**{k: v[d * simplices + s] for k, v in tensors.items()}, **buffers}, (xs,))
                   for d in range(draws)]
-        part_ = sum(F.cross_entropy(z, ys) for z in logits) / draws + diversity * error_overlap(*logits, ys)
+        part_ = sum(F.cross_entropy(z, ts) for z in logits) / draws + diversity * error_overlap(*logits, ys)
         loss = loss + part_ * (len(ys) / len(y))
     return loss
 

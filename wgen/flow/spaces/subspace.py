@@ -197,7 +197,7 @@ def _train_corners(states: list[StateDict], options: SubspaceOptions, context: F
     model, buffers = mixing_network(states[0], context)
     params = {k: torch.stack([s[k] for s in states]).to(context.device).float().requires_grad_(True)
               for k, _ in model.named_parameters()}
-    losses, seconds = train_mixtures(params, lambda mix, x, y: _mixed_loss(model, params, buffers, mix[0], x, y),
+    losses, seconds = train_mixtures(params, lambda mix, x, _, y: _mixed_loss(model, params, buffers, mix[0], x, y),
                                      len(states), options, context, "subspace", "corners.")
     return params, losses, seconds
 
@@ -211,14 +211,16 @@ def mixing_network(first: StateDict, context: FitContext) -> tuple[torch.nn.Modu
     return model, {k: v.to(context.device).clone() for k, v in first.items() if k not in names}
 
 
-def train_mixtures(params: dict[str, torch.Tensor], mixed_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
-                   torch.Tensor], corners: int, options: SubspaceOptions, context: FitContext, stage: str,
-                   prefix: str, draws: int = 1, parts: int = 0) -> tuple[list[float], float]:
-    """Train ``params`` (AdamW, warmup and cosine) on ``mixed_loss(mix, x, y)`` of the train split's batches, ``mix``
-    ``[draws, simplices, corners // simplices]`` fresh Dirichlet(1) proportions every step (with ``parts`` > 0,
-    ``[draws, simplices, 1 + parts, corners // simplices]``: the network's, then each part's); return the loss of
-    every step and the seconds spent. Resumes from (and every ``CHECKPOINT_EVERY`` steps writes, tensors under ``prefix``)
-    ``context.checkpoints``.
+def train_mixtures(params: dict[str, torch.Tensor], mixed_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor,
+                   torch.Tensor], torch.Tensor], corners: int, options: SubspaceOptions, context: FitContext, stage: str,
+                   prefix: str, draws: int = 1, parts: int = 0, targets: torch.Tensor | None = None
+                   ) -> tuple[list[float], float]:
+    """Train ``params`` (AdamW, warmup and cosine) on ``mixed_loss(mix, x, y, target)`` of the train split's batches,
+    ``mix`` ``[draws, simplices, corners // simplices]`` fresh Dirichlet(1) proportions every step (with ``parts`` > 0,
+    ``[draws, simplices, 1 + parts, corners // simplices]``: the network's, then each part's), ``target`` what the
+    cross-entropy fits: the labels ``y``, or the rows of ``targets`` ``[train examples, classes]`` (distributions, in
+    the train split's order) if given. Return the loss of every step and the seconds spent. Resumes from (and every
+    ``CHECKPOINT_EVERY`` steps writes, tensors under ``prefix``) ``context.checkpoints``.
 
     Step ``s`` sees the batches of epoch ``s // per_epoch`` in the order seeded by that epoch, and mixes the
     corners by noise seeded by ``s``: a resumed run takes exactly the steps an uninterrupted one would.
@@ -235,14 +237,16 @@ def train_mixtures(params: dict[str, torch.Tensor], mixed_loss: Callable[[torch.
     context.progress.stage(stage, total, len(losses))
     while len(losses) < total:
         epoch, offset = divmod(len(losses), per_epoch)
-        order = torch.Generator().manual_seed(context.seed * EPOCH_SEEDS + epoch)
-        usable = (batch for batch in data.batches("train", options.batch_size, order) if len(batch[1]) >= smallest)
-        for x, y in itertools.islice(usable, offset, None):
+        order = data.order("train", torch.Generator().manual_seed(context.seed * EPOCH_SEEDS + epoch))
+        batches = (order[start:start + options.batch_size] for start in range(0, examples, options.batch_size))
+        for rows in itertools.islice((b for b in batches if len(b) >= smallest), offset, None):
+            x, y = data.batch(data.indices["train"][rows])
+            target = y if targets is None else targets[rows]
             step = len(losses)
             seed = context.seed * STEP_SEEDS + step
             noise = torch.randn(draws * corners * (1 + parts), generator=torch.Generator().manual_seed(seed))
             shape = (draws, simplices, 1 + parts, -1) if parts else (draws, simplices, -1)
-            loss = mixed_loss(proportions(noise.view(shape)).to(device), x.to(device), y.to(device))
+            loss = mixed_loss(proportions(noise.view(shape)).to(device), x.to(device), y.to(device), target.to(device))
             for group in optimizer.param_groups:
                 group["lr"] = warmup_cosine(step, options.lr, options.warmup_steps, total)
             optimizer.zero_grad(set_to_none=True)
@@ -274,8 +278,8 @@ def _mixed_loss(model: torch.nn.Module, params: dict[str, torch.Tensor], buffers
 
 def split_loss(model: torch.nn.Module, network: Callable[[int], StateDict], buffers: StateDict, simplices: int,
                x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Return the cross-entropy of the batch ``(x, y)`` split in ``simplices`` parts in order, part ``s`` through
-    the parameters ``network(s)`` (with ``buffers``), each part weighed by its share of the batch."""
+    """Return the cross-entropy of the batch ``(x, y)`` (``y``: labels, or class distributions) split in ``simplices``
+    parts in order, part ``s`` through the parameters ``network(s)`` (with ``buffers``), each weighed by its share."""
     loss = x.new_zeros(())
     for s, (xs, ys) in enumerate(zip(x.tensor_split(simplices), y.tensor_split(simplices))):
         loss = loss + F.cross_entropy(functional_call(model, {**network(s), **buffers}, (xs,)), ys) * (len(ys) / len(y))
