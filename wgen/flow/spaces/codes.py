@@ -22,7 +22,10 @@ fresh base is). With ``diversity`` > 0 each step draws two mixes a simplex and a
 differ more and each a little less accurate. With ``mixing`` "group" (or "unit") the codes of every permutation
 group (every unit) mix the simplex's corners in proportions of their own, in training and in samples: a sample is a
 mosaic of the corners' pieces, which the shared decoder learns to make work together, and its coordinates hold one
-point a group (unit) more. A sample is the decoded mix at a random point; its noise *is* its point (``drawn``).
+point a group (unit) more. With ``distill`` > 0 each train example's target is its label (one-hot) times 1 -
+``distill`` plus ``distill`` times the training members' mean prediction (``distilled_targets``, computed once
+before training): the members lend what they learned, not their weights, and every sample grows more accurate.
+A sample is the decoded mix at a random point; its noise *is* its point (``drawn``).
 BatchNorm statistics are not generated (decoded as mean 0, variance 1): samples are calibrated on the
 train split (``calibrates``). On the val splits its samples (a mix a group) are new networks, a little more
 accurate than fresh runs on test_resnet and a quarter point less on test_vit, but an ensemble of them misses the
