@@ -353,18 +353,19 @@ class SplitData:
         std = torch.tensor(self.std).view(1, -1, 1, 1)
         return (x - mean) / std, self.source.labels(indices)
 
-    def order(self, split: str, generator: torch.Generator | None = None) -> np.ndarray:
-        """Return the positions ``0..n-1`` of ``split``'s examples in the order ``batches`` deals them: shuffled
-        when a generator is given (a training loop that looks up per-example values by position uses it)."""
+    def positions(self, split: str, batch_size: int, generator: torch.Generator | None = None) -> Iterator[np.ndarray]:
+        """Yield the positions (``0..n-1`` within ``split``) of each batch ``batches`` deals: shuffled when a
+        generator is given (a training loop that looks up per-example values by position uses them)."""
         count = len(self.indices[split])
-        return torch.randperm(count, generator=generator).numpy() if generator is not None else np.arange(count)
+        order = torch.randperm(count, generator=generator).numpy() if generator is not None else np.arange(count)
+        for start in range(0, count, batch_size):
+            yield order[start:start + batch_size]
 
     def batches(self, split: str, batch_size: int, generator: torch.Generator | None = None
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``(inputs, labels)`` batches of ``split``; shuffled when a generator is given."""
-        idx = self.indices[split][self.order(split, generator)]
-        for start in range(0, len(idx), batch_size):
-            yield self.batch(idx[start:start + batch_size])
+        for rows in self.positions(split, batch_size, generator):
+            yield self.batch(self.indices[split][rows])
 
     def tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the whole of ``split`` as one ``(inputs, labels)`` pair."""

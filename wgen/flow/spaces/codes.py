@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ...errors import WgenError
-from ...metrics import has_batchnorm
+from ...metrics import has_batchnorm, stacked_logits
 from .base import MIN_SCALE, FitContext, Layout, Slot, StateDict, load_layout, saved_layout
 from .subspace import (DrawnSpace, SubspaceOptions, mixing_network, proportions, recent_loss, simplex_of, split_loss,
                        train_mixtures)
@@ -356,16 +356,11 @@ def stored_values(plans: list[Plan], groups: list[GroupAxes], layout: Layout, op
 
 def distilled_targets(states: list[StateDict], share: float, context: FitContext) -> torch.Tensor:
     """Return ``[train examples, classes]``: each train example's label (one-hot) times ``1 - share`` plus ``share``
-    times the members' mean softmax (each in eval mode, with its own BatchNorm statistics), one member at a time."""
-    data, device = context.data, context.device
-    model = context.spec.create(device).eval()
-    mean = torch.zeros(len(data.indices["train"]), data.num_classes)
-    with torch.no_grad():
-        for state in states:
-            model.load_state_dict(state)
-            mean += torch.cat([model(x.to(device)).float().softmax(dim=-1).cpu() for x, _ in data.batches("train", 256)])
+    times the members' mean softmax (each in eval mode, with its own BatchNorm statistics)."""
+    data = context.data
+    logits = stacked_logits(context.spec.create(context.device), states, data, "train", context.device)
     labels = data.source.labels(data.indices["train"])
-    return (1 - share) * F.one_hot(labels, data.num_classes).float() + share * mean / len(states)
+    return (1 - share) * F.one_hot(labels, data.num_classes).float() + share * logits.softmax(dim=-1).mean(dim=0)
 
 
 def _train(first: StateDict, initial: dict[str, torch.Tensor], decoder: Decoder, groups: int, parts: int, corners: int,

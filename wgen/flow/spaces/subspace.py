@@ -237,9 +237,9 @@ def train_mixtures(params: dict[str, torch.Tensor], mixed_loss: Callable[[torch.
     context.progress.stage(stage, total, len(losses))
     while len(losses) < total:
         epoch, offset = divmod(len(losses), per_epoch)
-        order = data.order("train", torch.Generator().manual_seed(context.seed * EPOCH_SEEDS + epoch))
-        batches = (order[start:start + options.batch_size] for start in range(0, examples, options.batch_size))
-        for rows in itertools.islice((b for b in batches if len(b) >= smallest), offset, None):
+        order = torch.Generator().manual_seed(context.seed * EPOCH_SEEDS + epoch)
+        usable = (rows for rows in data.positions("train", options.batch_size, order) if len(rows) >= smallest)
+        for rows in itertools.islice(usable, offset, None):
             x, y = data.batch(data.indices["train"][rows])
             target = y if targets is None else targets[rows]
             step = len(losses)
