@@ -203,10 +203,12 @@ def test_a_killed_codes_training_resumes_to_the_same_generator(chain: dict[str, 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_distilled_targets_mix_each_label_with_the_members_mean_prediction(chain: dict[str, Path]) -> None:
+def test_distilled_targets_mix_each_label_with_the_members_mean_prediction(chain: dict[str, Path],
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     from wgen.checkpoints import open_zoo
     from wgen.data import data_for_zoo
 
+    monkeypatch.setattr("wgen.flow.spaces.codes.TEACHERS_PER_PASS", 2)  # 3 members: two passes, summed
     zoo = open_zoo(chain["canon"])
     states = [zoo.load(m) for m in zoo.members[:3]]
     data = data_for_zoo(zoo.info, None, zoo.preprocessing()[0])

@@ -52,6 +52,7 @@ from .units import GroupAxes, group_sizes, unit_groups
 
 STATISTICS = ("running_mean", "running_var")  # BatchNorm buffers: re-estimated, not generated
 MIXINGS = ("network", "group", "unit")  # what mixes its simplex's corners in proportions of its own
+TEACHERS_PER_PASS = 8  # members whose logits on the train split are held at once ([8, examples, classes])
 
 
 @dataclass(frozen=True)
@@ -357,10 +358,13 @@ def stored_values(plans: list[Plan], groups: list[GroupAxes], layout: Layout, op
 def distilled_targets(states: list[StateDict], share: float, context: FitContext) -> torch.Tensor:
     """Return ``[train examples, classes]``: each train example's label (one-hot) times ``1 - share`` plus ``share``
     times the members' mean softmax (each in eval mode, with its own BatchNorm statistics)."""
-    data = context.data
-    logits = stacked_logits(context.spec.create(context.device), states, data, "train", context.device)
+    data, model = context.data, context.spec.create(context.device)
+    total = torch.zeros(len(data.indices["train"]), data.num_classes)
+    for start in range(0, len(states), TEACHERS_PER_PASS):
+        logits = stacked_logits(model, states[start:start + TEACHERS_PER_PASS], data, "train", context.device)
+        total += logits.softmax(dim=-1).sum(dim=0)
     labels = data.source.labels(data.indices["train"])
-    return (1 - share) * F.one_hot(labels, data.num_classes).float() + share * logits.softmax(dim=-1).mean(dim=0)
+    return (1 - share) * F.one_hot(labels, data.num_classes).float() + share * total / len(states)
 
 
 def _train(first: StateDict, initial: dict[str, torch.Tensor], decoder: Decoder, groups: int, parts: int, corners: int,
