@@ -237,8 +237,8 @@ def train_mixtures(params: dict[str, torch.Tensor], mixed_loss: Callable[[torch.
     context.progress.stage(stage, total, len(losses))
     while len(losses) < total:
         epoch, offset = divmod(len(losses), per_epoch)
-        order = torch.Generator().manual_seed(context.seed * EPOCH_SEEDS + epoch)
-        usable = (rows for rows in data.positions("train", options.batch_size, order) if len(rows) >= smallest)
+        shuffle = torch.Generator().manual_seed(context.seed * EPOCH_SEEDS + epoch)
+        usable = (rows for rows in data.positions("train", options.batch_size, shuffle) if len(rows) >= smallest)
         for rows in itertools.islice(usable, offset, None):
             x, y = data.batch(data.indices["train"][rows])
             target = y if targets is None else targets[rows]
