@@ -12,8 +12,8 @@ import torch
 from wgen.checkpoints import ModelSpec
 from wgen.errors import WgenError
 from wgen.flow.spaces.base import FitContext, Layout
-from wgen.flow.spaces.codes import (CodeOptions, Decoder, distilled_targets, error_overlap, learning_rate, mixed,
-                                    mixing_matrix, plans_of, random_bases, stored_values)
+from wgen.flow.spaces.codes import (CodeOptions, Decoder, distilled_targets, error_overlap, joint_cross_entropy,
+                                    learning_rate, mixed, mixing_matrix, plans_of, random_bases, stored_values)
 from wgen.flow.spaces.units import group_sizes, unit_groups
 
 
@@ -84,6 +84,21 @@ def test_error_overlap_is_one_for_alike_mistakes_and_zero_for_disjoint_ones() ->
     assert abs(float(error_overlap(confused, confused, labels)) - 1) < 1e-6
     elsewhere = torch.tensor([[5.0, -40.0, -40.0, 3.0], [-9.0, -40.0, -40.0, 4.0]])  # wrong mass only on 3
     assert float(error_overlap(confused, elsewhere, labels)) < 1e-5
+
+
+def test_the_joint_cross_entropy_is_that_of_the_averaged_prediction_and_rewards_a_complementary_pair() -> None:
+    labels = torch.tensor([0, 1])
+    a = torch.tensor([[4.0, 0.0, 0.0], [0.0, -2.0, 2.0]])  # right on the first example, wrong on the second
+    b = torch.tensor([[0.0, 0.0, 3.0], [0.0, 5.0, 0.0]])  # the other way round
+    averaged = (a.softmax(dim=-1) + b.softmax(dim=-1)) / 2
+    expected = -averaged[torch.arange(2), labels].log().mean()
+    assert abs(float(joint_cross_entropy([a, b], labels)) - float(expected)) < 1e-6
+    alone = (torch.nn.functional.cross_entropy(a, labels) + torch.nn.functional.cross_entropy(b, labels)) / 2
+    assert float(joint_cross_entropy([a, b], labels)) < float(alone) - 1  # the pair is far better than each
+    assert abs(float(joint_cross_entropy([a, a], labels)) - float(torch.nn.functional.cross_entropy(a, labels))) < 1e-6
+    soft = torch.tensor([[0.5, 0.5, 0.0], [0.0, 1.0, 0.0]])  # class distributions as targets (distill)
+    expected = -(soft * averaged.log()).sum(dim=1).mean()
+    assert abs(float(joint_cross_entropy([a, b], soft)) - float(expected)) < 1e-6
 
 
 def test_the_mixing_matrix_puts_each_draws_proportions_on_its_simplexs_corners() -> None:
@@ -180,10 +195,10 @@ def test_the_stored_size_is_what_stored_values_counts(codes: dict[str, Path]) ->
     assert space.size == counted == json.loads((codes["gen"] / "config.json").read_text())["space"]["size"]
 
 
-@pytest.mark.parametrize("diversity, mixing, distill", [(0.0, "network", 0.0), (0.5, "network", 0.0),
-                                                      (0.0, "group", 0.5), (0.5, "unit", 0.5)])
-def test_a_killed_codes_training_resumes_to_the_same_generator(chain: dict[str, Path], tmp_path: Path,
-                                                               diversity: float, mixing: str, distill: float) -> None:
+@pytest.mark.parametrize("diversity, ensemble, mixing, distill", [
+    (0.0, 0.0, "network", 0.0), (0.5, 0.0, "network", 0.0), (0.0, 0.5, "group", 0.5), (0.5, 0.0, "unit", 0.5)])
+def test_a_killed_codes_training_resumes_to_the_same_generator(chain: dict[str, Path], tmp_path: Path, diversity: float,
+                                                               ensemble: float, mixing: str, distill: float) -> None:
     import safetensors.torch
 
     from wgen.checkpoints import open_zoo
@@ -191,7 +206,8 @@ def test_a_killed_codes_training_resumes_to_the_same_generator(chain: dict[str, 
 
     zoo = open_zoo(chain["canon"])
     config = TrainConfig(space="codes", space_args={"epochs": 0.5, "code_dim": 8, "corners": 4,
-                                                            "diversity": diversity, "mixing": mixing,
+                                                            "diversity": diversity, "ensemble": ensemble,
+                                                            "mixing": mixing,
                                                             "distill": distill}, holdout=0.2)
     whole = train_generator(zoo, tmp_path / "whole", config, torch.device("cpu"))
     assert train_generator(zoo, tmp_path / "cut", config, torch.device("cpu"), stop_after=3) is None
@@ -250,6 +266,7 @@ def test_a_checkpoint_of_another_auto_lr_is_refused(chain: dict[str, Path], tmp_
     ('{"hidden": 0}', "--hidden 0 must be >= 1"),
     ('{"diversity": -0.5}', "--diversity -0.5 must be >= 0"),
     ('{"distill": 1.5}', "--distill 1.5 must be in [0, 1]"),
+    ('{"ensemble": 1.5}', "--ensemble 1.5 must be in [0, 1]"),
     ('{"corners": 1}', "--corners 1 spans no simplex"),
     ('{"mixing": "layer"}', "--mixing 'layer' is not one of network, group, unit"),
     ('{"corners": 4, "simplices": 3}', "--simplices 3 leaves fewer than 2 of the 4 corners a simplex"),
