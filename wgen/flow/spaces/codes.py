@@ -389,7 +389,7 @@ def _train(first: StateDict, initial: dict[str, torch.Tensor], decoder: Decoder,
 
 def _mixed_loss(model: torch.nn.Module, decoder: Decoder, params: dict[str, torch.Tensor], groups: int,
                 buffers: StateDict, mix: torch.Tensor, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor,
-                diversity: float, ensemble: float = 0.0) -> torch.Tensor:
+                diversity: float, ensemble: float) -> torch.Tensor:
     """Return the cross-entropy to ``target`` (``y``, the labels, or class distributions) of the batch ``x`` split
     among the simplices, part ``s`` through the network
     decoded from simplex ``s``'s codes mixed in proportions ``mix[d, s]`` of each draw ``d`` (``[draws, simplices,
@@ -407,9 +407,10 @@ def _mixed_loss(model: torch.nn.Module, decoder: Decoder, params: dict[str, torc
     for s, (xs, ys, ts) in enumerate(zip(*(v.tensor_split(simplices) for v in (x, y, target)))):
         logits = [functional_call(model, {**{k: v[d * simplices + s] for k, v in tensors.items()}, **buffers}, (xs,))
                   for d in range(draws)]
-        alone = sum(F.cross_entropy(z, ts) for z in logits) / draws
-        part_ = ((1 - ensemble) * alone + ensemble * joint_cross_entropy(logits, ts)
-                 + diversity * error_overlap(*logits, ys))
+        part_ = sum(F.cross_entropy(z, ts) for z in logits) / draws
+        if ensemble:  # (a diversity-only run skips the pair's loss, not just weighs it 0)
+            part_ = (1 - ensemble) * part_ + ensemble * joint_cross_entropy(logits, ts)
+        part_ = part_ + diversity * error_overlap(*logits, ys)
         loss = loss + part_ * (len(ys) / len(y))
     return loss
 
@@ -435,8 +436,8 @@ def placed(mix: torch.Tensor, which: torch.Tensor, simplices: int) -> torch.Tens
 
 def joint_cross_entropy(logits: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
     """Return the cross-entropy to ``target`` (labels or class distributions) of the networks' averaged probabilities
-    (``logits``: one ``[examples, classes]`` a network). It is at most their mean cross-entropy, by as much as they
-    differ where they are wrong: training on it rewards two mixes that make a better pair, the ensemble the
+    (``logits``: one ``[examples, classes]`` a network). It is at most their mean cross-entropy, the more so the more
+    their probabilities of the target differ: training on it rewards two mixes that make a better pair, the ensemble the
     protocol measures, rather than two that differ (``error_overlap``)."""
     averaged = torch.logsumexp(torch.stack([z.log_softmax(dim=-1) for z in logits]), dim=0) - math.log(len(logits))
     return F.cross_entropy(averaged, target)
