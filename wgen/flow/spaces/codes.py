@@ -408,9 +408,10 @@ def _mixed_loss(model: torch.nn.Module, decoder: Decoder, params: dict[str, torc
         logits = [functional_call(model, {**{k: v[d * simplices + s] for k, v in tensors.items()}, **buffers}, (xs,))
                   for d in range(draws)]
         part_ = sum(F.cross_entropy(z, ts) for z in logits) / draws
-        if ensemble:  # (a diversity-only run skips the pair's loss, not just weighs it 0)
+        if ensemble:  # (a run with one term skips the other's work, not just weighs it 0)
             part_ = (1 - ensemble) * part_ + ensemble * joint_cross_entropy(logits, ts)
-        part_ = part_ + diversity * error_overlap(*logits, ys)
+        if diversity:
+            part_ = part_ + diversity * error_overlap(*logits, ys)
         loss = loss + part_ * (len(ys) / len(y))
     return loss
 
