@@ -31,8 +31,9 @@ and every sample grows more accurate. A sample is the decoded mix at a random po
 (``drawn``). BatchNorm statistics are not generated (decoded as mean 0, variance 1): samples are calibrated on the
 train split (``calibrates``). On the val splits its samples (a mix a group) are new networks, a little more
 accurate than fresh runs on test_resnet (on one build of its zoo; 1.3 points less on another, so one run decides
-little) and a quarter point less on test_vit, but an ensemble of them misses the protocol's bar on both; ``distill`` 0.25 meets it on test_vit's (not on its test split, within noise) and widens the
-miss on test_resnet's (docs/benchmarks.md): it is selectable, not the default.
+little) and a quarter point less on test_vit, but an ensemble of them misses the protocol's bar on both;
+``distill`` 0.25 meets it on test_vit's (not on its test split, within noise) and widens the miss on test_resnet's
+(docs/benchmarks.md): it is selectable, not the default.
 """
 
 from __future__ import annotations
