@@ -132,14 +132,11 @@ def test_registries_name_what_they_lack() -> None:
 # the same samples as before the plug-in refactor
 
 
-# Written by wgen 0.1.0 (commit 9e45b8b) and again by this version with torch 2.14.1 on an AVX512 CPU,
-# one thread: the generator of TINY_TRAINING on `make_zoo(5)`, 4 samples with --seed 0 --no-project.
+# Written by wgen 0.1.0 (commit 9e45b8b) and again by this version with torch 2.14.1, one thread: the
+# generator of TINY_TRAINING on `make_zoo(5)`, 4 samples with --seed 0 --no-project. Pinned as values to
+# 1e-6, not as file hashes: the last bits move with the CPU (two AVX512 machines with the same torch wrote
+# other files; torch's cpu capability does not name the kernels it picks).
 PINNED = {
-    "torch": "2.14.1", "cpu": "AVX512",
-    "sha256": ["de5a6af02da67d73056da4e9afd040c006d7b3515ac8596924ff7b32467d5d9f",
-               "219f167da2765da8d8ab38918a8cbc2c92e9100b16234f931cbf15d385d37d55",
-               "b12554f4e477118d21435b993944db5bb34e85ab626ffa94066f2687947aafeb",
-               "4ea94906c8f78e9f7109bc3dc8173ab6f5f82f47fbe85ae4c40b36e7e3b37ed7"],
     "sum_and_norm": [(1783.629525123455, 82.77616472478972), (1658.495383041929, 49.16817386363609),
                      (1651.8609033554312, 47.834117361332964), (1664.6639807358806, 50.30032885405853)],
     "radii": [1.7898, 0.4772, 0.3687, 0.5512],
@@ -162,10 +159,6 @@ def test_sampled_files_are_the_ones_pinned_before_the_refactor(random_zoo: Path,
         tensors = safetensors.torch.load_file(str(tmp_path / "raw" / entry["name"] / "model.safetensors"))
         values = torch.cat([tensors[k].double().reshape(-1) for k in sorted(tensors) if tensors[k].is_floating_point()])
         assert float(values.sum()) == pytest.approx(total, rel=1e-6) and float(values.norm()) == pytest.approx(norm, rel=1e-6)
-    same_platform = (torch.__version__.split("+")[0] == PINNED["torch"]
-                     and torch.backends.cpu.get_cpu_capability() == PINNED["cpu"])
-    if same_platform:  # elsewhere other kernels round differently: the sums above still hold
-        assert [e["files"]["model.safetensors"] for e in raw["samples"]] == PINNED["sha256"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -361,19 +354,35 @@ def test_samples_do_not_depend_on_batch_size(tiny_generator: Path, tmp_path: Pat
         assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
 
 
-def test_solvers_reach_nearby_end_points(chain: dict[str, Path]) -> None:
+def test_solvers_converge_at_their_order_on_a_field_with_a_known_flow() -> None:
+    # dx/dt = (1 + t) B x ends at expm(1.5 B) x0: a field that turns with t, so misplaced times show
+    turn = torch.tensor([[-0.5, 2.0], [-2.0, -0.5]], dtype=torch.float64)
+    x0 = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    exact = x0 @ torch.linalg.matrix_exp(1.5 * turn).T
+
+    def error(solver: str, steps: int) -> float:
+        return float((integrate(lambda x, t: (1 + t) * x @ turn.T, x0, solver, steps) - exact).norm(dim=1).max())
+
+    assert error("dopri5", 1) < 1e-4
+    for solver, order in (("euler", 1), ("midpoint", 2), ("rk4", 4)):  # twice the steps, 2**order closer
+        assert 0.8 * 2**order < error(solver, 20) / error(solver, 40) < 1.25 * 2**order
+
+
+def test_solvers_reach_nearby_end_points_of_a_trained_flow(chain: dict[str, Path]) -> None:
     generator = load_generator(chain["gen"])
     x0 = torch.randn(16, *generator.space.shape, generator=torch.Generator().manual_seed(0))
     reference = integrate(generator.net, x0, "rk4", 100)
-    travelled = (reference - x0).norm(dim=1).mean()
-    assert travelled > 0.5 * x0.norm(dim=1).mean()  # the flow moves points: agreeing on x0 would prove nothing
+    travelled = (reference - x0).norm(dim=1).median()
+    assert travelled > 0.5 * x0.norm(dim=1).median()  # the flow moves points: agreeing on x0 would prove nothing
 
     def error(solver: str, steps: int) -> float:
-        return float((integrate(generator.net, x0, solver, steps) - reference).norm(dim=1).mean() / travelled)
+        # the median point's: a point on the border of two members' basins may end in either (seen
+        # once in 16 on one training seed, with dopri5 against rk4 x 100), and a mean would take it in
+        return float((integrate(generator.net, x0, solver, steps) - reference).norm(dim=1).median() / travelled)
 
     assert error("dopri5", 1) < 0.005 and error("rk4", 5) < 0.02 and error("midpoint", 10) < 0.02
     assert error("euler", 5) > error("rk4", 5)  # higher order, closer
-    assert error("euler", 40) < error("euler", 5) / 3  # more steps, closer
+    assert error("euler", 40) < error("euler", 5) / 2  # more steps, closer
 
 
 def test_sampling_settles_end_points_unless_told_not_to(tiny_generator: Path, tmp_path: Path, monkeypatch) -> None:
