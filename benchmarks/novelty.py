@@ -13,7 +13,8 @@ one shard per core; canonicalized; a generator trained on all but ``--held-out``
 one JSON object: each stage's time and peak memory, the main rows of the report, the headline and
 whether each bar of the strict protocol is met. Every stage is the CLI command a user would type;
 re-running resumes every stage (a finished one is skipped), so a second generator on the same zoo
-costs only its own stages when given a fresh ``--gen-name``. ``--split val`` judges on the val split
+costs only its own stages when given a fresh ``--gen-name`` (its eval too: the baselines' measurements are kept in
+``OUT/baselines`` and reused while the zoo, held-out members, split and wgen's code are the same). ``--split val`` judges on the val split
 (report ``NAME-report-val.json``): the split to choose settings on, leaving test for the final figures.
 """
 
@@ -128,7 +129,8 @@ def main() -> None:
     report_path = root / f"{args.gen_name}-report{'' if args.split == 'test' else '-' + args.split}.json"
     if not report_path.is_file():  # eval does not resume: a finished report is kept
         stage("eval", ["eval", str(samples), "--zoo", str(root / "canon"), "--split", args.split, "--out",
-                       str(report_path), "--plot", str(report_path.with_suffix(".png"))], results)
+                       str(report_path), "--plot", str(report_path.with_suffix(".png")),
+                       "--baseline-cache", str(root / "baselines")], results)
     report = json.loads(report_path.read_text())
     if args.markdown:
         print(markdown(report))
@@ -144,6 +146,7 @@ def main() -> None:
         "versions": {"wgen": wgen.__version__, "torch": torch.__version__, "timm": timm.__version__},
         "stages": results, "rows": rows, "matched_noise": report["matched_noise"], "headline": report["headline"],
         "bars": bars(report), "ensemble_gap": report.get("ensemble_gap"), "report": str(report_path),
+        "baselines_from_cache": report.get("baselines_from_cache"),
     }, indent=2, default=str))
 
 

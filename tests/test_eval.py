@@ -320,3 +320,57 @@ def test_eval_reports_the_ensemble_gap_to_the_matched_noise(tiny_generator: Path
             assert g["ci95"][0] <= g["difference"] <= g["ci95"][1] and g["groups"] == 359
     text = " ".join(result.stdout.split())
     assert "ensemble of 16, samples minus noise 0.05: first 16" in text and "resampling 359 groups of examples" in text
+
+
+def test_a_baseline_cache_gives_the_report_an_uncached_eval_gives(tiny_generator: Path, random_zoo: Path,
+                                                                   tmp_path: Path, run_cli,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    samples, cache = tmp_path / "samples", tmp_path / "cache"
+    assert run_cli("sample", tiny_generator, "-n", "16", "-o", samples, "--min-radius", "0").exit_code == 0
+
+    def report(name: str, *extra: object) -> dict:
+        result = run_cli("eval", samples, "--zoo", random_zoo, "-d", "digits", "--noise-scales", "0.05,0.3",
+                         "--rematch", "1", "--out", tmp_path / f"{name}.json", *extra)
+        assert result.exit_code == 0, result.output
+        return json.loads((tmp_path / f"{name}.json").read_text())
+
+    def judged(r: dict) -> dict:
+        return {k: r[k] for k in ("sets", "matched_noise", "headline", "ensemble_gap")}
+
+    plain = report("plain")
+    assert plain["baselines_from_cache"] == 0
+    first = report("first", "--baseline-cache", cache)
+    assert first["baselines_from_cache"] == 0 and judged(first) == judged(plain)
+    entries = sorted(cache.glob("*/*.safetensors"))
+    assert [p.name for p in entries] == ["00-noise-0.05.safetensors", "01-noise-0.3.safetensors",
+                                         "02-gaussian.safetensors", "03-interpolation.safetensors",
+                                         "04-soup-of-3.safetensors", "05-unit-mosaic.safetensors"]
+    for path in entries[1:]:  # as if killed after the first set: the rest draw on from its generator state
+        path.unlink()
+    resumed = report("resumed", "--baseline-cache", cache)
+    assert resumed["baselines_from_cache"] == 1 and judged(resumed) == judged(plain)
+
+    from wgen import baselines
+
+    def never(*_: object, **__: object) -> None:
+        raise AssertionError("a cached baseline was built again")
+
+    for name in ("noisy", "gaussian", "interpolations", "soups", "unit_mosaics"):
+        monkeypatch.setattr(baselines, name, never)
+    cached = report("cached", "--baseline-cache", cache)
+    assert cached["baselines_from_cache"] == 6 and judged(cached) == judged(plain)
+    monkeypatch.undo()
+    other = report("other", "--baseline-cache", cache, "--seed", "1")  # other baselines: a key of their own
+    assert other["baselines_from_cache"] == 0 and len(list(cache.glob("*/key.json"))) == 2
+
+
+def test_a_baseline_cache_is_a_wgen_folder_outside_the_inputs(random_zoo: Path, tmp_path: Path, run_cli) -> None:
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    for cache, message in ((theirs, f"{theirs}: exists and was not written by wgen"),
+                           (random_zoo / "cache", "the output may not be, contain or lie inside the input")):
+        result = run_cli("eval", random_zoo, "--zoo", random_zoo, "-d", "digits", "--baseline-cache", cache)
+        assert result.exit_code == 2, result.output
+        assert message in " ".join(result.stderr.split())
+    assert (theirs / "notes.txt").read_text() == "mine" and not (random_zoo / "cache").exists()

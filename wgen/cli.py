@@ -392,6 +392,9 @@ def eval_command(
     rematch: Annotated[int, typer.Option(help=ranged("--rematch", "nearest training members each model is re-matched "
                                                               "to by weight matching before distances count"))] = 3,
     seed: Annotated[int, typer.Option(help=ranged("--seed", "seed of the baselines"))] = 0,
+    baseline_cache: Annotated[Optional[Path], typer.Option(
+        "--baseline-cache", metavar="DIR", help="keep measured baselines here and reuse them: a second generator on "
+                                                "the same zoo and held-out members measures only its samples")] = None,
     opts: Shared = Shared(),
 ) -> None:
     """Are the samples new networks as good as fresh runs? Quality and novelty next to held-out members and baselines."""
@@ -402,7 +405,7 @@ def eval_command(
         options = EvalOptions(data, split, parse_scales(noise_scales), soup_k, seed, baselines, recalibrate,
                               rematch=rematch)
         with RichProgress(quiet=opts.as_json) as progress:
-            report = evaluate_models(target, zoo_path, options, torch_device, progress)
+            report = evaluate_models(target, zoo_path, options, torch_device, progress, baseline_cache)
         write_report(report, out, plot)
     if opts.as_json:
         print(json.dumps(report, indent=2))

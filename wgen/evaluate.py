@@ -30,8 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 
+from .baseline_cache import BaselineCache, code_digest, indices_digest
 from .baselines import baseline_builders
 from .checkpoints import StateDict, Zoo, open_zoo, read_json, zoo_fingerprint
 from .data import SPLITS, SplitData, data_for_zoo
@@ -93,6 +95,7 @@ class _Inputs:
     generator: GeneratorConfig | None
     data: SplitData
     is_samples: bool
+    zoo_fingerprint: str | None  # of ``zoo``, when it was read to check the generator's source
 
     @property
     def label(self) -> str:
@@ -112,6 +115,7 @@ class _Judge:
         self.sets: dict[str, dict[str, Any]] = {}
         # per set, per example: is the ensemble of 16 right (the first 16; the share of random draws)?
         self.hits: dict[str, dict[str, torch.Tensor]] = {}
+        self.cached = 0  # baseline sets read from a cache instead of measured
 
     def logits(self, states: list[StateDict]) -> torch.Tensor:
         """Return the logits ``[models, examples, classes]`` of ``states`` on the evaluation split."""
@@ -147,9 +151,13 @@ class _Judge:
 
 
 def evaluate_models(target: Path, zoo_path: Path | None, options: EvalOptions, device: torch.device,
-                    progress: Progress = SILENT) -> dict[str, Any]:
-    """Return the evaluation report of the samples (or any zoo) at ``target``, next to ``zoo_path``'s members."""
+                    progress: Progress = SILENT, cache: Path | None = None) -> dict[str, Any]:
+    """Return the evaluation report of the samples (or any zoo) at ``target``, next to ``zoo_path``'s members;
+    with ``cache``, a folder where measured baseline sets are kept and found again (``baseline_cache.py``)."""
     options.check()
+    if cache is not None:
+        refuse_overlap(cache, [target, zoo_path])
+    store = BaselineCache(cache) if cache is not None else None
     inputs = _open_inputs(target, zoo_path, options)
     judge = _Judge(inputs, options, device)
     recalibrate = options.recalibrate and has_batchnorm(judge.model)
@@ -172,14 +180,38 @@ def evaluate_models(target: Path, zoo_path: Path | None, options: EvalOptions, d
         judge.measure("held-out", holdout)
         progress.advance()
     if options.baselines and len(train) >= 2:
+        generator = torch.Generator().manual_seed(options.seed)
         builders = list(baseline_builders(train, len(inputs.models.members), options.noise_scales,
-                                          options.soup_k, judge.keys, torch.Generator().manual_seed(options.seed),
-                                          groups))
+                                          options.soup_k, judge.keys, generator, groups))
+        entry = store.entry(_cache_key(judge, recalibrate)) if store is not None else None
         progress.stage("baselines", len(builders))
-        for name, build in builders:
-            judge.measure(name, build(), baseline=True, recalibrate=recalibrate)
+        for index, (name, build) in enumerate(builders):
+            found = entry.load(index, name, generator) if entry is not None else None
+            if found is not None:
+                judge.sets.update(found[0])
+                judge.hits.update(found[1])
+            else:
+                judge.measure(name, build(), baseline=True, recalibrate=recalibrate)
+                if entry is not None:
+                    labels = [name, name + BN] if recalibrate else [name]
+                    entry.save(index, name, {k: judge.sets[k] for k in labels},
+                               {k: judge.hits[k] for k in labels if k in judge.hits}, generator)
             progress.advance()
+        judge.cached = entry.hits if entry is not None else 0
     return _report(target, zoo_path, judge)
+
+
+def _cache_key(judge: _Judge, recalibrate: bool) -> dict[str, Any]:
+    """Return everything the baseline sets of this evaluation depend on (the key of their cache entry)."""
+    inputs, options = judge.inputs, judge.options
+    train, holdout = _member_names(inputs.zoo, inputs.generator)
+    data = inputs.data
+    return {"zoo": inputs.zoo_fingerprint or zoo_fingerprint(inputs.zoo), "train": train, "held_out": holdout,
+            "data": str(data.spec), "input_size": list(data.input_size), "train_indices": indices_digest(data.indices["train"]),
+            "split": options.split, "split_indices": indices_digest(data.indices[options.split]),
+            "count": len(inputs.models.members), "noise_scales": list(options.noise_scales), "soup_k": options.soup_k,
+            "seed": options.seed, "rematch": options.rematch, "recalibrate": recalibrate, "device": judge.device.type,
+            "wgen": code_digest(), "torch": torch.__version__, "timm": timm.__version__}
 
 
 def _groups(judge: _Judge) -> PermSpec:
@@ -195,7 +227,8 @@ def _open_inputs(target: Path, zoo_path: Path | None, options: EvalOptions) -> _
     if zoo is not None and zoo.spec != models.spec:
         raise WgenError(f"{zoo_path} holds {zoo.spec.architecture} {zoo.spec.to_json()}, the samples "
                         f"{models.spec.architecture} {models.spec.to_json()}", "pass the zoo the generator was trained on")
-    if zoo is not None and generator is not None and zoo_fingerprint(zoo) != generator.source_fingerprint:
+    fingerprint = zoo_fingerprint(zoo) if zoo is not None and generator is not None else None
+    if fingerprint is not None and fingerprint != generator.source_fingerprint:
         raise WgenError(f"{zoo_path} is not the zoo the generator was trained on ({generator.source})",
                         "pass that zoo: novelty is measured in its (canonical) weight space")
     info = dict((zoo or models).info)
@@ -206,7 +239,7 @@ def _open_inputs(target: Path, zoo_path: Path | None, options: EvalOptions) -> _
     if data.num_classes != models.spec.num_classes:
         raise WgenError(f"dataset {data.spec} has {data.num_classes} classes, the models {models.spec.num_classes}",
                         "evaluate on the data the zoo was trained on")
-    return _Inputs(models, zoo, generator, data, is_samples)
+    return _Inputs(models, zoo, generator, data, is_samples, fingerprint)
 
 
 def _generator_config(target: Path) -> GeneratorConfig | None:
@@ -214,14 +247,18 @@ def _generator_config(target: Path) -> GeneratorConfig | None:
     return read_generator_config(folder) if (folder / "config.json").is_file() else None
 
 
+def _member_names(zoo: Zoo, generator: GeneratorConfig | None) -> tuple[list[str], list[str]]:
+    """Return the names of the generator's training and held-out members in ``zoo`` (all members for a plain zoo)."""
+    names = [m.name for m in zoo.members]
+    if generator is None:
+        return names, []
+    return [n for n in generator.train_members if n in names], [n for n in generator.holdout_members if n in names]
+
+
 def _training_members(zoo: Zoo, generator: GeneratorConfig | None) -> tuple[list[StateDict], list[StateDict]]:
     """Return the state dicts of the generator's training and held-out members (all members for a plain zoo)."""
     by_name = {m.name: m for m in zoo.members}
-    if generator is None:
-        train, holdout = list(by_name), []
-    else:
-        train = [n for n in generator.train_members if n in by_name]
-        holdout = [n for n in generator.holdout_members if n in by_name]
+    train, holdout = _member_names(zoo, generator)
     if not train:
         raise WgenError("none of the generator's training members is in the --zoo",
                         "pass the zoo the generator was trained on")
@@ -250,6 +287,7 @@ def _report(target: Path, zoo_path: Path | None, judge: _Judge) -> dict[str, Any
         "zoo": str(zoo_path) if zoo_path else None, "architecture": inputs.models.spec.architecture,
         "data": str(inputs.data.spec), "split": options.split, "examples": len(judge.labels),
         "device": str(judge.device), "set": inputs.label, "sets": judge.sets,
+        "baselines_from_cache": judge.cached,
     }
     if inputs.is_samples:
         report["sampling"] = _sampling_summary(read_json(target / MANIFEST_JSON))
