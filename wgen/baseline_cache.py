@@ -26,10 +26,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .errors import WgenError
-from .outputs import MARKER, atomic_file, atomic_write_json, wgen_wrote, write_marker
+from .outputs import atomic_file, atomic_write_json, check_output, start_output, wgen_wrote
 
 FORMAT = "wgen.baseline-cache/1"
 KIND = "baseline-cache"
@@ -55,18 +56,23 @@ def indices_digest(indices: np.ndarray) -> str:
 class BaselineCache:
     """One folder of cached baseline sets; ``entry(key)`` is where the sets of one key live."""
 
-    def __init__(self, folder: Path) -> None:
-        if folder.exists() and not folder.is_dir():
-            raise WgenError(f"{folder}: exists and is not a folder", "choose another --baseline-cache")
-        if folder.is_dir() and any(p.name != MARKER for p in folder.iterdir()) and not wgen_wrote(folder):
-            raise WgenError(f"{folder}: exists and was not written by wgen",
-                            "choose an empty or new folder for --baseline-cache")
+    def __init__(self, folder: Path, inputs: list[Path | None]) -> None:
+        """Check ``folder`` under the output policy (outside ``inputs``; new, empty or wgen's own, resumed)."""
+        check_output(folder, inputs, force=False, resumes=_ours)
         self.folder = folder
 
     def entry(self, key: dict[str, Any]) -> CacheEntry:
         """Return the entry of ``key`` (a JSON-able dict of everything the sets depend on), created on first write."""
         text = json.dumps({"format": FORMAT, **key}, sort_keys=True)
         return CacheEntry(self.folder, hashlib.sha256(text.encode()).hexdigest()[:32], json.loads(text))
+
+
+def _ours(folder: Path) -> bool:
+    """Return True for a folder wgen wrote (a cache is added to); raise a WgenError for any other."""
+    if not wgen_wrote(folder):
+        raise WgenError(f"{folder}: exists and was not written by wgen",
+                        "choose an empty or new folder for --baseline-cache")
+    return True
 
 
 class CacheEntry:
@@ -86,29 +92,24 @@ class CacheEntry:
         path = self._path(index, name)
         if not path.is_file():
             return None
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-        if meta.get("name") != name or STATE not in tensors:
-            return None  # a file from another layout: measured again and overwritten
-        sets = json.loads(meta["sets"])
-        hits: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith("hits/"):
+            meta, keys = f.metadata() or {}, set(f.keys())
+            if meta.get("name") != name or STATE not in keys:
+                return None  # a file from another layout: measured again and overwritten
+            state = f.get_tensor(STATE)
+            hits: dict[str, dict[str, torch.Tensor]] = {}
+            for key in sorted(k for k in keys if k.startswith("hits/")):
                 label, what = key[len("hits/"):].rsplit("/", 1)
-                hits.setdefault(label, {})[what] = value
-        generator.set_state(tensors[STATE])
+                hits.setdefault(label, {})[what] = f.get_tensor(key)
+        sets = json.loads(meta["sets"])
+        generator.set_state(state)
         self.hits += 1
         return sets, hits
 
     def save(self, index: int, name: str, sets: dict[str, dict[str, Any]], hits: dict[str, dict[str, torch.Tensor]],
              generator: torch.Generator) -> None:
         """Write baseline ``index`` ``name``'s measured ``sets`` and ensemble ``hits`` with ``generator``'s state."""
-        if not self.root.is_dir() or not (self.root / MARKER).is_file():
-            self.root.mkdir(parents=True, exist_ok=True)
-            write_marker(self.root, KIND)
+        start_output(self.root, KIND, "resume")  # made, and marked as wgen's, on the first write
         if not (self.folder / KEY_FILE).is_file():
             atomic_write_json(self.folder / KEY_FILE, self.key)
         tensors = {STATE: generator.get_state().clone()}

@@ -155,9 +155,7 @@ def evaluate_models(target: Path, zoo_path: Path | None, options: EvalOptions, d
     """Return the evaluation report of the samples (or any zoo) at ``target``, next to ``zoo_path``'s members;
     with ``cache``, a folder where measured baseline sets are kept and found again (``baseline_cache.py``)."""
     options.check()
-    if cache is not None:
-        refuse_overlap(cache, [target, zoo_path])
-    store = BaselineCache(cache) if cache is not None else None
+    store = BaselineCache(cache, [target, zoo_path]) if cache is not None else None
     inputs = _open_inputs(target, zoo_path, options)
     judge = _Judge(inputs, options, device)
     recalibrate = options.recalibrate and has_batchnorm(judge.model)
