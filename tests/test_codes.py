@@ -50,6 +50,31 @@ def test_permuting_a_groups_codes_permutes_the_decoded_network_along_that_groups
     assert moved == sum(k in before for k, _ in groups[g]) >= 9  # every decoded axis of the group (not BN statistics)
 
 
+def test_a_decoder_a_simplex_decodes_each_row_with_its_simplexs_own_decoder() -> None:
+    layout, groups, plans = _resnet_plans()
+    scales = {p.slot.key: 1.0 for p in plans}
+    bases = random_bases(plans, scales, 1, 3)
+    decoder = Decoder(plans, scales, bases)
+    generator = torch.Generator().manual_seed(0)
+    stacked = Decoder.init(plans, 8, 16, {p.slot.key: 0.5 for p in plans}, generator, copies=3)
+    stacked = {k: v + 0.3 * torch.randn(v.shape, generator=generator) for k, v in stacked.items()}  # out is 0 at init
+    assert all(v.shape[0] == 3 for v in stacked.values())
+    sizes = group_sizes(groups, layout)
+    codes = [torch.randn(4, n, 8, generator=generator) for n in sizes]
+    free = {p.slot.key: torch.randn(4, *p.slot.shape, generator=generator) for p in plans if p.free}
+    which = torch.tensor([2, 0, 2, 1])
+    together = decoder.tensors(stacked, codes, free, which)
+    for row, s in enumerate(which.tolist()):
+        own = {k: v[s] for k, v in stacked.items()}  # simplex s's decoder, as a shared one
+        alone = decoder.tensors(own, [c[row:row + 1] for c in codes], {k: v[row:row + 1] for k, v in free.items()},
+                                which[row:row + 1])
+        for key, value in alone.items():
+            torch.testing.assert_close(together[key][row], value[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(together["layer1.0.conv1.weight"][0], decoder.tensors(
+        {k: v[0] for k, v in stacked.items()}, [c[:1] for c in codes], {k: v[:1] for k, v in free.items()},
+        which[:1])["layer1.0.conv1.weight"][0])  # another simplex's decoder decodes the same codes otherwise
+
+
 def test_bases_are_drawn_on_the_cpu_from_the_seed_one_per_simplex() -> None:
     _, _, plans = _resnet_plans()
     scales = {p.slot.key: 2.0 for p in plans}
@@ -193,12 +218,23 @@ def test_the_stored_size_is_what_stored_values_counts(codes: dict[str, Path]) ->
     space = load_generator(codes["gen"]).space
     counted = stored_values(space.decoder.plans, space.groups, space.layout, CodeOptions(code_dim=16), corners=4)
     assert space.size == counted == json.loads((codes["gen"] / "config.json").read_text())["space"]["size"]
+    own = stored_values(space.decoder.plans, space.groups, space.layout,
+                        CodeOptions(code_dim=16, decoders="simplex"), corners=4)
+    decoder = sum(v.numel() for k, v in space.params.items() if not k.startswith(("codes/", "free/")))
+    assert own == counted + decoder  # two simplices: the decoder twice
 
 
-@pytest.mark.parametrize("diversity, ensemble, mixing, distill", [
-    (0.0, 0.0, "network", 0.0), (0.5, 0.0, "network", 0.0), (0.0, 0.5, "group", 0.5), (0.5, 0.0, "unit", 0.5)])
+def test_an_unknown_decoders_setting_is_refused() -> None:
+    with pytest.raises(WgenError, match="--decoders 'each' is not one of shared, simplex"):
+        CodeOptions(decoders="each").check()
+
+
+@pytest.mark.parametrize("diversity, ensemble, mixing, distill, decoders", [
+    (0.0, 0.0, "network", 0.0, "shared"), (0.5, 0.0, "network", 0.0, "simplex"), (0.0, 0.5, "group", 0.5, "shared"),
+    (0.5, 0.0, "unit", 0.5, "shared")])
 def test_a_killed_codes_training_resumes_to_the_same_generator(chain: dict[str, Path], tmp_path: Path, diversity: float,
-                                                               ensemble: float, mixing: str, distill: float) -> None:
+                                                               ensemble: float, mixing: str, distill: float,
+                                                               decoders: str) -> None:
     import safetensors.torch
 
     from wgen.checkpoints import open_zoo
@@ -207,8 +243,8 @@ def test_a_killed_codes_training_resumes_to_the_same_generator(chain: dict[str, 
     zoo = open_zoo(chain["canon"])
     config = TrainConfig(space="codes", space_args={"epochs": 0.5, "code_dim": 8, "corners": 4,
                                                             "diversity": diversity, "ensemble": ensemble,
-                                                            "mixing": mixing,
-                                                            "distill": distill}, holdout=0.2)
+                                                            "mixing": mixing, "distill": distill,
+                                                            "decoders": decoders}, holdout=0.2)
     whole = train_generator(zoo, tmp_path / "whole", config, torch.device("cpu"))
     assert train_generator(zoo, tmp_path / "cut", config, torch.device("cpu"), stop_after=3) is None
     resumed = train_generator(zoo, tmp_path / "cut", config, torch.device("cpu"))

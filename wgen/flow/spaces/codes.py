@@ -24,7 +24,9 @@ a share ``ensemble`` of their loss is that of their averaged prediction (``joint
 samples are trained to make a good pair, which is what an ensemble of samples asks. With ``mixing`` "group" (or
 "unit") the codes of every permutation group (every unit) mix the simplex's corners in proportions of their own,
 in training and in samples: a sample is a mosaic of the corners' pieces, which the shared decoder learns to make
-work together, and its coordinates hold one point a group (unit) more. With ``distill`` > 0 each train example's
+work together, and its coordinates hold one point a group (unit) more. With ``decoders`` "simplex" every simplex
+has a decoder of its own (the default, "shared", decodes every simplex with one), so samples of two simplices share
+no learnt weight, only the members' scales and means. With ``distill`` > 0 each train example's
 target is its label (one-hot) times 1 - ``distill`` plus ``distill`` times the training members' mean prediction
 (``distilled_targets``, computed once before training): the members lend what they learned, not their weights,
 and every sample grows more accurate. A sample is the decoded mix at a random point; its noise *is* its point
@@ -55,6 +57,7 @@ from .units import GroupAxes, group_sizes, unit_groups
 
 STATISTICS = ("running_mean", "running_var")  # BatchNorm buffers: re-estimated, not generated
 MIXINGS = ("network", "group", "unit")  # what mixes its simplex's corners in proportions of its own
+DECODERS = ("shared", "simplex")  # one decoder for every simplex, or one a simplex
 TEACHERS_PER_PASS = 8  # members whose logits on the train split are held at once ([8, examples, classes])
 
 
@@ -76,6 +79,8 @@ class CodeOptions(SubspaceOptions):
     # every bar on test_vit's val split and lost test_resnet's ensemble, docs/benchmarks.md)
     mixing: str = "group"  # one of MIXINGS: each group's codes mix in proportions of their own (more accurate, more
     # diverse samples than one mix a network on both val splits, docs/benchmarks.md)
+    decoders: str = "shared"  # one of DECODERS: "simplex" gives each simplex a decoder of its own (simplices times the
+    # decoder's values), so no two simplices share a learnt weight
 
     def limited(self) -> dict[str, float]:
         """Return ``{option: value}`` of every setting with a range (an auto lr has none)."""
@@ -91,6 +96,9 @@ class CodeOptions(SubspaceOptions):
         if self.mixing not in MIXINGS:
             raise WgenError(f"--mixing {self.mixing!r} is not one of {', '.join(MIXINGS)}",
                             "use \"network\" (one mix a network), \"group\" (one a permutation group) or \"unit\"")
+        if self.decoders not in DECODERS:
+            raise WgenError(f"--decoders {self.decoders!r} is not one of {', '.join(DECODERS)}",
+                            "use \"shared\" (one decoder for every simplex) or \"simplex\" (one a simplex)")
 
 
 def learning_rate(model: torch.nn.Module) -> float:
@@ -160,27 +168,30 @@ class Decoder:
         self.plans, self.scales, self.bases = plans, scales, bases
 
     @staticmethod
-    def init(plans: list[Plan], code_dim: int, hidden: int, means: dict[str, float], generator: torch.Generator
-             ) -> dict[str, torch.Tensor]:
+    def init(plans: list[Plan], code_dim: int, hidden: int, means: dict[str, float], generator: torch.Generator,
+             copies: int = 0) -> dict[str, torch.Tensor]:
         """Return freshly initialised decoder parameters ``{name: tensor}``: a matrix or kernel starts as its random
-        base (its change at 0), any other tensor at ``means[key]`` (its members' mean value, in scale units)."""
+        base (its change at 0), any other tensor at ``means[key]`` (its members' mean value, in scale units). With
+        ``copies`` > 0 every parameter holds that many independent decoders (``[copies, ...]``, one a simplex)."""
+        lead = (copies,) if copies else ()
         params = {}
         for plan in plans:
             if plan.free:
                 continue
             key = plan.slot.key
             for n in range(len(plan.groups)):
-                params[f"{key}/in{n}"] = torch.randn(code_dim, hidden, generator=generator) / math.sqrt(code_dim)
-            params[f"{key}/b0"] = torch.zeros(hidden)
-            out = torch.randn(hidden, plan.outputs, generator=generator) / math.sqrt(hidden)
+                params[f"{key}/in{n}"] = torch.randn(*lead, code_dim, hidden, generator=generator) / math.sqrt(code_dim)
+            params[f"{key}/b0"] = torch.zeros(*lead, hidden)
+            out = torch.randn(*lead, hidden, plan.outputs, generator=generator) / math.sqrt(hidden)
             params[f"{key}/out"] = out * 0 if has_base(plan) else out * 0.1
-            params[f"{key}/b2"] = torch.full((plan.outputs,), 0.0 if has_base(plan) else means[key])
+            params[f"{key}/b2"] = torch.full((*lead, plan.outputs), 0.0 if has_base(plan) else means[key])
         return params
 
     def tensors(self, params: dict[str, torch.Tensor], codes: list[torch.Tensor], free: dict[str, torch.Tensor],
                 simplex: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return ``{key: [B, *shape]}``: every planned tensor of a batch of ``B`` code sets, those of matrices and
-        kernels on the random base of each one's ``simplex`` (``[B]`` indices)."""
+        kernels on the random base of each one's ``simplex`` (``[B]`` indices), each decoded by its simplex's decoder
+        where there is one a simplex."""
         out = {}
         for plan in self.plans:
             key, shape = plan.slot.key, plan.slot.shape
@@ -188,20 +199,29 @@ class Decoder:
                 out[key] = free[key].reshape(-1, *shape)
                 continue
             cells = len(plan.groups)
-            h = params[f"{key}/b0"]
+            own = params[f"{key}/b0"].dim() == 2  # [simplices, hidden]: a decoder a simplex
+            layer = (lambda name: params[f"{key}/{name}"][simplex]) if own else (lambda name: params[f"{key}/{name}"])
+            h = layer("b0").reshape(-1, *[1] * cells, params[f"{key}/b0"].shape[-1]) if own else layer("b0")
             for n, g in enumerate(plan.groups):
-                part_ = codes[g] @ params[f"{key}/in{n}"]  # [B, units, hidden]
+                part_ = _times(codes[g], layer(f"in{n}"), own)  # [B, units, hidden]
                 view = [part_.shape[0]] + [1] * cells + [part_.shape[-1]]
                 view[1 + n] = part_.shape[1]
                 h = h + part_.reshape(view)
             h = F.gelu(h)
-            values = (h @ params[f"{key}/out"] + params[f"{key}/b2"]) * self.scales[key]
+            b2 = layer("b2").reshape(-1, *[1] * cells, plan.outputs) if own else layer("b2")
+            values = (_times(h, layer("out"), own) + b2) * self.scales[key]
             values = values.reshape(*values.shape[:1 + cells], *(shape[a] for a in plan.rest_axes))
             order = [0] + [1 + (plan.unit_axes + plan.rest_axes).index(a) for a in range(len(shape))]
             out[key] = values.permute(order)
             if key in self.bases:
                 out[key] = out[key] + self.bases[key][simplex]
         return out
+
+
+def _times(x: torch.Tensor, weight: torch.Tensor, own: bool) -> torch.Tensor:
+    """Return ``x @ weight`` over the last axis of ``x`` ``[B, ..., i]``: one ``weight`` ``[i, o]`` for every row,
+    or with ``own`` a weight a row (``[B, i, o]``)."""
+    return torch.einsum("b...i,bio->b...o", x, weight) if own else x @ weight
 
 
 class CodeSpace(DrawnSpace):
@@ -302,8 +322,9 @@ class CodeSpace(DrawnSpace):
 
     def describe(self) -> str:
         t = self.training
+        decoders = "a decoder a simplex" if t.get("decoders") == "simplex" else "a shared decoder"
         return (f"codes of {t['corners']} corners ({self.simplices} simplices), mixed {self.mixing} by {self.mixing}, "
-                f"decoded to {self.layout.dim:,} weights by a shared decoder; {self.size:,} values stored; "
+                f"decoded to {self.layout.dim:,} weights by {decoders}; {self.size:,} values stored; "
                 f"trained {t['steps']} steps")
 
 
@@ -346,7 +367,8 @@ def _initial(decoder: Decoder, sizes: list[int], corners: int, means: dict[str, 
     generator = torch.Generator().manual_seed(seed)
     params = {f"codes/{g}": torch.randn(corners, n, options.code_dim, generator=generator) for g, n in enumerate(sizes)}
     params.update({f"free/{k}": v.expand(corners, *v.shape).clone() for k, v in free.items()})
-    params.update(Decoder.init(decoder.plans, options.code_dim, options.hidden, means, generator))
+    copies = options.simplices if options.decoders == "simplex" else 0
+    params.update(Decoder.init(decoder.plans, options.code_dim, options.hidden, means, generator, copies))
     return params
 
 
@@ -357,7 +379,8 @@ def stored_values(plans: list[Plan], groups: list[GroupAxes], layout: Layout, op
     free = sum(p.slot.size for p in plans if p.free)
     decoder = sum(len(p.groups) * options.code_dim * options.hidden + options.hidden + (options.hidden + 1) * p.outputs
                   for p in plans if not p.free)
-    return corners * (units * options.code_dim + free) + decoder
+    copies = options.simplices if options.decoders == "simplex" else 1
+    return corners * (units * options.code_dim + free) + copies * decoder
 
 
 def distilled_targets(states: list[StateDict], share: float, context: FitContext) -> torch.Tensor:
