@@ -7,9 +7,9 @@ For every weight matrix and kernel: the norm of its base, of each corner's decod
 between two corners of one simplex and of two simplices. Then, on ``--split`` (val: the split to study settings
 on), with BatchNorm statistics re-estimated on the train split as ``wgen sample`` calibrates: the corners (the
 pure code sets), and ``--samples`` networks at Dirichlet(``--alpha``) points of a simplex drawn uniformly (the
-generator's own samples are the points of alpha 1; a generator that mixes groups or units draws each one's own
-point); for each set its accuracy, pairwise disagreement and the accuracy of an ensemble of 16 averaged over
-``--draws`` random draws. Prints one JSON object.
+generator's own samples are the points of its own ``alpha``, 1 unless trained otherwise; a generator that mixes groups or units draws each one's own
+point); for each set its accuracy, pairwise disagreement (also within one simplex and across two) and the accuracy
+of an ensemble of 16 averaged over ``--draws`` random draws. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -62,9 +62,28 @@ def judged(space: CodeSpace, weights: torch.Tensor, which: torch.Tensor, zoo: An
     labels = data.tensors(split)[1]
     accuracy = (logits.argmax(-1) == labels).float().mean(dim=1)
     size = min(16, len(states))
-    return {"models": len(states), "accuracy_mean": round(float(accuracy.mean()), 4),
-            "accuracy_min": round(float(accuracy.min()), 4), "disagreement": round(mean_disagreement(logits), 4),
-            f"ensemble_{size}": round(float(ensemble_hits(logits, labels, size, draws).float().mean()), 4)}
+    result = {"models": len(states), "accuracy_mean": round(float(accuracy.mean()), 4),
+              "accuracy_min": round(float(accuracy.min()), 4), "disagreement": round(mean_disagreement(logits), 4),
+              f"ensemble_{size}": round(float(ensemble_hits(logits, labels, size, draws).float().mean()), 4)}
+    return {**result, **within_and_across(logits, which)}
+
+
+def within_and_across(logits: torch.Tensor, which: torch.Tensor) -> dict[str, float]:
+    """Return the mean pairwise disagreement of the networks of one simplex and of two (``which``: each one's simplex),
+    or nothing when they are all of one simplex: where the samples' diversity lives."""
+
+    def pairs(n: int) -> float:
+        return n * (n - 1) / 2
+
+    sizes = [int((which == s).sum()) for s in which.unique().tolist()]
+    if len(sizes) < 2 or max(sizes) < 2:
+        return {}
+    within = sum(pairs(n) * mean_disagreement(logits[which == s]) for s, n in zip(which.unique().tolist(), sizes)
+                 if n > 1)
+    across_pairs = pairs(len(which)) - sum(pairs(n) for n in sizes)
+    across = pairs(len(which)) * mean_disagreement(logits) - within
+    return {"disagreement_within_a_simplex": round(within / sum(pairs(n) for n in sizes), 4),
+            "disagreement_across_simplices": round(across / across_pairs, 4)}
 
 
 def main() -> None:

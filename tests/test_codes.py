@@ -229,22 +229,23 @@ def test_an_unknown_decoders_setting_is_refused() -> None:
         CodeOptions(decoders="each").check()
 
 
-@pytest.mark.parametrize("diversity, ensemble, mixing, distill, decoders", [
-    (0.0, 0.0, "network", 0.0, "shared"), (0.5, 0.0, "network", 0.0, "simplex"), (0.0, 0.5, "group", 0.5, "shared"),
-    (0.5, 0.0, "unit", 0.5, "shared")])
+@pytest.mark.parametrize("diversity, ensemble, mixing, distill, decoders, alpha", [
+    (0.0, 0.0, "network", 0.0, "shared", 1.0), (0.5, 0.0, "network", 0.0, "simplex", 1.0),
+    (0.0, 0.5, "group", 0.5, "shared", 0.3), (0.5, 0.0, "unit", 0.5, "shared", 1.0)])
 def test_a_killed_codes_training_resumes_to_the_same_generator(chain: dict[str, Path], tmp_path: Path, diversity: float,
                                                                ensemble: float, mixing: str, distill: float,
-                                                               decoders: str) -> None:
+                                                               decoders: str, alpha: float) -> None:
     import safetensors.torch
 
     from wgen.checkpoints import open_zoo
+    from wgen.flow.generator import load_generator
     from wgen.flow.train import TrainConfig, train_generator
 
     zoo = open_zoo(chain["canon"])
     config = TrainConfig(space="codes", space_args={"epochs": 0.5, "code_dim": 8, "corners": 4,
                                                             "diversity": diversity, "ensemble": ensemble,
                                                             "mixing": mixing, "distill": distill,
-                                                            "decoders": decoders}, holdout=0.2)
+                                                            "decoders": decoders, "alpha": alpha}, holdout=0.2)
     whole = train_generator(zoo, tmp_path / "whole", config, torch.device("cpu"))
     assert train_generator(zoo, tmp_path / "cut", config, torch.device("cpu"), stop_after=3) is None
     resumed = train_generator(zoo, tmp_path / "cut", config, torch.device("cpu"))
@@ -253,6 +254,7 @@ def test_a_killed_codes_training_resumes_to_the_same_generator(chain: dict[str, 
     a = safetensors.torch.load_file(str(tmp_path / "whole" / "space.safetensors"))
     b = safetensors.torch.load_file(str(tmp_path / "cut" / "space.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert load_generator(tmp_path / "cut").space.alpha == alpha  # samples draw their mixes as training did
 
 
 def test_distilled_targets_mix_each_label_with_the_members_mean_prediction(chain: dict[str, Path],

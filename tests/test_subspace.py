@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import timm
+import scipy.stats
 import torch
 
 from wgen.flow.spaces.subspace import SubspaceOptions, proportions, simplex_of
@@ -20,6 +21,18 @@ def test_noise_becomes_dirichlet_one_proportions() -> None:
     assert mix.mean(dim=0) == pytest.approx([1 / k] * k, abs=2e-3)
     assert mix.var(dim=0) == pytest.approx([(k - 1) / (k * k * (k + 1))] * k, rel=0.03)
     assert float((mix[:, 0] > 0.5).float().mean()) == pytest.approx(0.5 ** (k - 1), abs=3e-3)
+
+
+@pytest.mark.parametrize("alpha", [0.3, 2.0])
+def test_noise_becomes_dirichlet_alpha_proportions(alpha: float) -> None:
+    k = 4
+    mix = proportions(torch.randn(200_000, k, generator=torch.Generator().manual_seed(0)), alpha)
+    assert (mix >= 0).all() and torch.allclose(mix.sum(dim=1), torch.ones(len(mix)), atol=1e-6)
+    # Dirichlet(alpha, ..., alpha): mean 1/k, variance (k - 1) / (k^2 (k alpha + 1)); the first is Beta(alpha, 3 alpha)
+    assert mix.mean(dim=0) == pytest.approx([1 / k] * k, abs=2e-3)
+    assert mix.var(dim=0) == pytest.approx([(k - 1) / (k * k * (k * alpha + 1))] * k, rel=0.03)
+    beta = scipy.stats.beta(alpha, (k - 1) * alpha)
+    assert float((mix[:, 0] > 0.5).float().mean()) == pytest.approx(beta.sf(0.5), abs=3e-3)
 
 
 @pytest.fixture(scope="module")

@@ -304,8 +304,9 @@ class CodeSpace(DrawnSpace):
         coords = coords.to(device).float()
         k, p = self.per_simplex, self.parts
         which = simplex_of(coords[:, -1], self.simplices) if self.simplices > 1 else coords.new_zeros(len(coords), dtype=torch.long)
-        parts = placed(proportions(coords[:, k:k * (1 + p)].view(len(coords), p, k)), which, self.simplices) if p else None
-        return self.decode(placed(proportions(coords[:, :k]), which, self.simplices), which, out, parts)
+        parts = (placed(proportions(coords[:, k:k * (1 + p)].view(len(coords), p, k), self.alpha), which, self.simplices)
+                 if p else None)
+        return self.decode(placed(proportions(coords[:, :k], self.alpha), which, self.simplices), which, out, parts)
 
     def decode(self, weights: torch.Tensor, which: torch.Tensor, out: torch.Tensor | None = None,
                parts: torch.Tensor | None = None) -> torch.Tensor:

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import scipy.special
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
@@ -61,12 +62,13 @@ class SubspaceOptions:
     warmup_steps: int = 100
     corners: int = 0  # 0: every training member is a corner
     simplices: int = 0  # independent simplices the corners are split into (equally; a remainder is left out); 0: auto
+    alpha: float = 1.0  # the Dirichlet(alpha) of every mix, in training and in samples (under 1: nearer the corners)
 
     def limited(self) -> dict[str, float]:
         """Return ``{option: value}`` of every setting with a range in ``limits.LIMITS``."""
         return {"--lr": self.lr, "--batch-size": self.batch_size, "--weight-decay": self.weight_decay,
                 "--warmup-steps": self.warmup_steps, "--subspace-epochs": self.epochs, "--corners": self.corners,
-                "--simplices": self.simplices}
+                "--simplices": self.simplices, "--alpha": self.alpha}
 
     def check(self) -> None:
         """Raise a WgenError for a setting out of its range."""
@@ -90,14 +92,19 @@ def simplex_of(noise: torch.Tensor, simplices: int) -> torch.Tensor:
     return (torch.special.ndtr(noise.double()) * simplices).long().clamp_(0, simplices - 1)
 
 
-def proportions(noise: torch.Tensor) -> torch.Tensor:
-    """Return Dirichlet(1) proportions ``[..., K]`` from standard normal ``noise`` ``[..., K]``.
+def proportions(noise: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """Return Dirichlet(``alpha``) proportions ``[..., K]`` from standard normal ``noise`` ``[..., K]``.
 
-    ``-log Phi(z)`` of a standard normal ``z`` is an Exponential(1) draw, and normalised exponentials
-    are Dirichlet(1): the map is exact, deterministic and smooth.
+    ``Phi(z)`` of a standard normal ``z`` is uniform, so the inverse CDF of Gamma(alpha) at it is a Gamma(alpha) draw
+    (for alpha 1 the map is ``-log Phi(z)``, an Exponential(1) draw), and normalised Gamma draws are Dirichlet(alpha):
+    exact, deterministic and smooth. Alpha under 1 puts the points nearer the corners, over 1 nearer the centre.
     """
-    exponentials = -torch.special.log_ndtr(noise.double())
-    return (exponentials / exponentials.sum(dim=-1, keepdim=True)).to(noise.dtype)
+    if alpha == 1.0:
+        draws = -torch.special.log_ndtr(noise.double())
+    else:
+        uniform = torch.special.ndtr(noise.double()).clamp(torch.finfo(torch.float64).tiny, 1.0).cpu().numpy()
+        draws = torch.from_numpy(scipy.special.gammaincinv(alpha, uniform)).to(noise.device)
+    return (draws / draws.sum(dim=-1, keepdim=True)).to(noise.dtype)
 
 
 class DrawnSpace(WeightSpace):
@@ -108,6 +115,12 @@ class DrawnSpace(WeightSpace):
 
     simplices: int
     parts: int = 0  # parts of a network (groups, units) in proportions of their own: k more coordinates each
+    training: dict[str, Any]
+
+    @property
+    def alpha(self) -> float:
+        """Return the Dirichlet parameter of its mixes (1 in generators from before the option)."""
+        return float(self.training.get("alpha", 1.0))
 
     @property
     def per_simplex(self) -> int:
@@ -175,9 +188,9 @@ class SubspaceSpace(DrawnSpace):
     def vectors(self, coords: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         coords = coords.to(self.corners.device).float()
         if self.simplices == 1:
-            return torch.matmul(proportions(coords), self.corners, out=out)
+            return torch.matmul(proportions(coords, self.alpha), self.corners, out=out)
         k = self.per_simplex
-        mix, which = proportions(coords[:, :k]), simplex_of(coords[:, k], self.simplices)
+        mix, which = proportions(coords[:, :k], self.alpha), simplex_of(coords[:, k], self.simplices)
         out = torch.empty(len(coords), self.corners.shape[1], device=self.corners.device) if out is None else out
         for s in which.unique().tolist():
             rows = which == s
@@ -246,7 +259,7 @@ def train_mixtures(params: dict[str, torch.Tensor], mixed_loss: Callable[[torch.
             seed = context.seed * STEP_SEEDS + step
             noise = torch.randn(draws * corners * (1 + parts), generator=torch.Generator().manual_seed(seed))
             shape = (draws, simplices, 1 + parts, -1) if parts else (draws, simplices, -1)
-            loss = mixed_loss(proportions(noise.view(shape)).to(device), x.to(device), y.to(device), target.to(device))
+            loss = mixed_loss(proportions(noise.view(shape), options.alpha).to(device), x.to(device), y.to(device), target.to(device))
             for group in optimizer.param_groups:
                 group["lr"] = warmup_cosine(step, options.lr, options.warmup_steps, total)
             optimizer.zero_grad(set_to_none=True)
