@@ -7,9 +7,10 @@ For every weight matrix and kernel: the norm of its base, of each corner's decod
 between two corners of one simplex and of two simplices. Then, on ``--split`` (val: the split to study settings
 on), with BatchNorm statistics re-estimated on the train split as ``wgen sample`` calibrates: the corners (the
 pure code sets), and ``--samples`` networks at Dirichlet(``--alpha``) points of a simplex drawn uniformly (the
-generator's own samples are the points of its own ``alpha``, 1 unless trained otherwise; a generator that mixes groups or units draws each one's own
-point); for each set its accuracy, pairwise disagreement (also within one simplex and across two) and the accuracy
-of an ensemble of 16 averaged over ``--draws`` random draws. Prints one JSON object.
+generator's own samples are the points of its own ``alpha``, 1 unless trained otherwise; a generator that mixes
+groups or units draws each one's own point); for each set its accuracy, pairwise disagreement (also within one
+simplex and across two) and the accuracy of an ensemble of 16 averaged over ``--draws`` random draws. Prints one
+JSON object.
 """
 
 from __future__ import annotations
@@ -75,15 +76,14 @@ def within_and_across(logits: torch.Tensor, which: torch.Tensor) -> dict[str, fl
     def pairs(n: int) -> float:
         return n * (n - 1) / 2
 
-    sizes = [int((which == s).sum()) for s in which.unique().tolist()]
-    if len(sizes) < 2 or max(sizes) < 2:
+    members = [which == s for s in which.unique().tolist()]
+    within_pairs = sum(pairs(int(m.sum())) for m in members)
+    if len(members) < 2 or within_pairs == 0:
         return {}
-    within = sum(pairs(n) * mean_disagreement(logits[which == s]) for s, n in zip(which.unique().tolist(), sizes)
-                 if n > 1)
-    across_pairs = pairs(len(which)) - sum(pairs(n) for n in sizes)
+    within = sum(pairs(int(m.sum())) * mean_disagreement(logits[m]) for m in members if m.sum() > 1)
     across = pairs(len(which)) * mean_disagreement(logits) - within
-    return {"disagreement_within_a_simplex": round(within / sum(pairs(n) for n in sizes), 4),
-            "disagreement_across_simplices": round(across / across_pairs, 4)}
+    return {"disagreement_within_a_simplex": round(within / within_pairs, 4),
+            "disagreement_across_simplices": round(across / (pairs(len(which)) - within_pairs), 4)}
 
 
 def main() -> None:

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-import timm
 import scipy.stats
+import timm
 import torch
 
 from wgen.flow.spaces.subspace import SubspaceOptions, proportions, simplex_of

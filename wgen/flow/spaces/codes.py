@@ -82,6 +82,11 @@ class CodeOptions(SubspaceOptions):
     decoders: str = "shared"  # one of DECODERS: "simplex" gives each simplex a decoder of its own (simplices times the
     # decoder's values), so no two simplices share a learnt weight
 
+    @property
+    def stacked_decoders(self) -> int:
+        """Return how many decoders are stacked in each decoder tensor: one a simplex, or 0 for one shared decoder."""
+        return self.simplices if self.decoders == "simplex" else 0
+
     def limited(self) -> dict[str, float]:
         """Return ``{option: value}`` of every setting with a range (an auto lr has none)."""
         limited = {**super().limited(), "--code-dim": self.code_dim, "--hidden": self.hidden,
@@ -201,15 +206,19 @@ class Decoder:
             cells = len(plan.groups)
             own = params[f"{key}/b0"].dim() == 2  # [simplices, hidden]: a decoder a simplex
             layer = (lambda name: params[f"{key}/{name}"][simplex]) if own else (lambda name: params[f"{key}/{name}"])
-            h = layer("b0").reshape(-1, *[1] * cells, params[f"{key}/b0"].shape[-1]) if own else layer("b0")
+
+            def bias(name: str) -> torch.Tensor:  # a row's own bias broadcasts over its cells
+                value = layer(name)
+                return value.reshape(-1, *[1] * cells, value.shape[-1]) if own else value
+
+            h = bias("b0")
             for n, g in enumerate(plan.groups):
                 part_ = _times(codes[g], layer(f"in{n}"), own)  # [B, units, hidden]
                 view = [part_.shape[0]] + [1] * cells + [part_.shape[-1]]
                 view[1 + n] = part_.shape[1]
                 h = h + part_.reshape(view)
             h = F.gelu(h)
-            b2 = layer("b2").reshape(-1, *[1] * cells, plan.outputs) if own else layer("b2")
-            values = (_times(h, layer("out"), own) + b2) * self.scales[key]
+            values = (_times(h, layer("out"), own) + bias("b2")) * self.scales[key]
             values = values.reshape(*values.shape[:1 + cells], *(shape[a] for a in plan.rest_axes))
             order = [0] + [1 + (plan.unit_axes + plan.rest_axes).index(a) for a in range(len(shape))]
             out[key] = values.permute(order)
@@ -304,8 +313,8 @@ class CodeSpace(DrawnSpace):
         coords = coords.to(device).float()
         k, p = self.per_simplex, self.parts
         which = simplex_of(coords[:, -1], self.simplices) if self.simplices > 1 else coords.new_zeros(len(coords), dtype=torch.long)
-        parts = (placed(proportions(coords[:, k:k * (1 + p)].view(len(coords), p, k), self.alpha), which, self.simplices)
-                 if p else None)
+        points = coords[:, k:k * (1 + p)].view(len(coords), p, k)  # each part's own point
+        parts = placed(proportions(points, self.alpha), which, self.simplices) if p else None
         return self.decode(placed(proportions(coords[:, :k], self.alpha), which, self.simplices), which, out, parts)
 
     def decode(self, weights: torch.Tensor, which: torch.Tensor, out: torch.Tensor | None = None,
@@ -368,8 +377,8 @@ def _initial(decoder: Decoder, sizes: list[int], corners: int, means: dict[str, 
     generator = torch.Generator().manual_seed(seed)
     params = {f"codes/{g}": torch.randn(corners, n, options.code_dim, generator=generator) for g, n in enumerate(sizes)}
     params.update({f"free/{k}": v.expand(corners, *v.shape).clone() for k, v in free.items()})
-    copies = options.simplices if options.decoders == "simplex" else 0
-    params.update(Decoder.init(decoder.plans, options.code_dim, options.hidden, means, generator, copies))
+    params.update(Decoder.init(decoder.plans, options.code_dim, options.hidden, means, generator,
+                               options.stacked_decoders))
     return params
 
 
@@ -380,8 +389,7 @@ def stored_values(plans: list[Plan], groups: list[GroupAxes], layout: Layout, op
     free = sum(p.slot.size for p in plans if p.free)
     decoder = sum(len(p.groups) * options.code_dim * options.hidden + options.hidden + (options.hidden + 1) * p.outputs
                   for p in plans if not p.free)
-    copies = options.simplices if options.decoders == "simplex" else 1
-    return corners * (units * options.code_dim + free) + copies * decoder
+    return corners * (units * options.code_dim + free) + max(1, options.stacked_decoders) * decoder
 
 
 def distilled_targets(states: list[StateDict], share: float, context: FitContext) -> torch.Tensor:

@@ -259,7 +259,8 @@ def train_mixtures(params: dict[str, torch.Tensor], mixed_loss: Callable[[torch.
             seed = context.seed * STEP_SEEDS + step
             noise = torch.randn(draws * corners * (1 + parts), generator=torch.Generator().manual_seed(seed))
             shape = (draws, simplices, 1 + parts, -1) if parts else (draws, simplices, -1)
-            loss = mixed_loss(proportions(noise.view(shape), options.alpha).to(device), x.to(device), y.to(device), target.to(device))
+            mix = proportions(noise.view(shape), options.alpha).to(device)
+            loss = mixed_loss(mix, x.to(device), y.to(device), target.to(device))
             for group in optimizer.param_groups:
                 group["lr"] = warmup_cosine(step, options.lr, options.warmup_steps, total)
             optimizer.zero_grad(set_to_none=True)
