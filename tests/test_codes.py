@@ -14,6 +14,7 @@ from wgen.errors import WgenError
 from wgen.flow.spaces.base import FitContext, Layout
 from wgen.flow.spaces.codes import (CodeOptions, Decoder, distilled_targets, error_overlap, joint_cross_entropy,
                                     learning_rate, mixed, mixing_matrix, plans_of, random_bases, stored_values)
+from wgen.flow.spaces.subspace import simplex_of
 from wgen.flow.spaces.units import group_sizes, unit_groups
 
 
@@ -73,6 +74,31 @@ def test_a_decoder_a_simplex_decodes_each_row_with_its_simplexs_own_decoder() ->
     assert not torch.allclose(together["layer1.0.conv1.weight"][0], decoder.tensors(
         {k: v[0] for k, v in stacked.items()}, [c[:1] for c in codes], {k: v[:1] for k, v in free.items()},
         which[:1])["layer1.0.conv1.weight"][0])  # another simplex's decoder decodes the same codes otherwise
+
+
+@pytest.mark.parametrize("decoders", ["shared", "simplex"])
+def test_a_snapshots_simplex_is_decoded_by_the_snapshots_decoder_on_the_simplexs_base(decoders: str) -> None:
+    layout, groups, plans = _resnet_plans()
+    scales = {p.slot.key: 1.0 for p in plans}
+    bases = random_bases(plans, scales, 1, 2)
+    generator = torch.Generator().manual_seed(0)
+    copies = 2 * (2 if decoders == "simplex" else 1)  # 2 snapshots of 2 simplices
+    stacked = Decoder.init(plans, 8, 16, {p.slot.key: 0.5 for p in plans}, generator, copies=copies)
+    stacked = {k: v + 0.3 * torch.randn(v.shape, generator=generator) for k, v in stacked.items()}  # out is 0 at init
+    sizes = group_sizes(groups, layout)
+    codes = [torch.randn(4, n, 8, generator=generator) for n in sizes]
+    free = {p.slot.key: torch.randn(4, *p.slot.shape, generator=generator) for p in plans if p.free}
+    which = torch.tensor([3, 0, 2, 1])  # snapshot 1 simplex 1, snapshot 0 simplex 0, ...
+    together = Decoder(plans, scales, bases, snapshots=2).tensors(stacked, codes, free, which)
+    for row, t in enumerate(which.tolist()):
+        snapshot, simplex = divmod(t, 2)
+        own = {k: v[t if decoders == "simplex" else snapshot] for k, v in stacked.items()}
+        base = {k: v[simplex:simplex + 1] for k, v in bases.items()}  # alone, as simplex 0 of its own
+        alone = Decoder(plans, scales, base).tensors(own, [c[row:row + 1] for c in codes],
+                                                     {k: v[row:row + 1] for k, v in free.items()},
+                                                     torch.zeros(1, dtype=torch.long))
+        for key, value in alone.items():
+            torch.testing.assert_close(together[key][row], value[0], atol=1e-5, rtol=1e-5)
 
 
 def test_bases_are_drawn_on_the_cpu_from_the_seed_one_per_simplex() -> None:
@@ -222,6 +248,9 @@ def test_the_stored_size_is_what_stored_values_counts(codes: dict[str, Path]) ->
                         CodeOptions(code_dim=16, decoders="simplex"), corners=4)
     decoder = sum(v.numel() for k, v in space.params.items() if not k.startswith(("codes/", "free/")))
     assert own == counted + decoder  # two simplices: the decoder twice
+    snapshots = stored_values(space.decoder.plans, space.groups, space.layout, CodeOptions(code_dim=16, snapshots=3),
+                              corners=4)
+    assert snapshots == 3 * counted  # every snapshot's codes and decoder
 
 
 def test_an_unknown_decoders_setting_is_refused() -> None:
@@ -255,6 +284,41 @@ def test_a_killed_codes_training_resumes_to_the_same_generator(chain: dict[str, 
     b = safetensors.torch.load_file(str(tmp_path / "cut" / "space.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert load_generator(tmp_path / "cut").space.alpha == alpha  # samples draw their mixes as training did
+
+
+@pytest.mark.parametrize("decoders", ["shared", "simplex"])
+def test_snapshots_are_kept_at_each_warm_restart_and_a_run_killed_in_a_restart_resumes_to_them(
+        chain: dict[str, Path], tmp_path: Path, decoders: str) -> None:
+    import safetensors.torch
+
+    from wgen.checkpoints import open_zoo
+    from wgen.flow.generator import load_generator
+    from wgen.flow.train import TrainConfig, train_generator
+
+    zoo = open_zoo(chain["canon"])
+    args = {"epochs": 0.5, "code_dim": 8, "corners": 4, "decoders": decoders}
+    one = TrainConfig(space="codes", space_args=args, holdout=0.2)
+    three = TrainConfig(space="codes", space_args={**args, "snapshots": 3, "restart_epochs": 0.25}, holdout=0.2)
+    train_generator(zoo, tmp_path / "one", one, torch.device("cpu"))
+    train_generator(zoo, tmp_path / "whole", three, torch.device("cpu"))
+    single, space = load_generator(tmp_path / "one").space, load_generator(tmp_path / "whole").space
+    steps = single.training["steps"]
+    assert space.training["steps"] > steps and space.simplices == 6 and space.corners == 12  # 3 snapshots of 2 x 2
+    assert space.size == 3 * single.size
+    for name, value in single.params.items():  # the first snapshot is the run without restarts, bit for bit
+        first = value if name.startswith(("codes/", "free/")) else value.unsqueeze(0)
+        rows = len(value) if name.startswith(("codes/", "free/")) or decoders == "simplex" else 1
+        assert torch.equal(space.params[name][:rows].reshape(first.shape), first), name
+    assert not torch.equal(space.params["codes/0"][:4], space.params["codes/0"][4:8])  # the restart moved them
+    last = space.training["steps"] - 1  # killed inside the last restart, after two snapshots were kept
+    assert train_generator(zoo, tmp_path / "cut", three, torch.device("cpu"), stop_after=last) is None
+    assert train_generator(zoo, tmp_path / "cut", three, torch.device("cpu")) is not None
+    a = safetensors.torch.load_file(str(tmp_path / "whole" / "space.safetensors"))
+    b = safetensors.torch.load_file(str(tmp_path / "cut" / "space.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    noise = torch.randn(60, *space.shape, generator=torch.Generator().manual_seed(0))
+    vectors = space.vectors(noise)
+    assert torch.isfinite(vectors).all() and len(set(simplex_of(noise[:, -1], 6).tolist())) == 6  # all drawn
 
 
 def test_distilled_targets_mix_each_label_with_the_members_mean_prediction(chain: dict[str, Path],
@@ -306,6 +370,8 @@ def test_a_checkpoint_of_another_auto_lr_is_refused(chain: dict[str, Path], tmp_
     ('{"distill": 1.5}', "--distill 1.5 must be in [0, 1]"),
     ('{"ensemble": 1.5}', "--ensemble 1.5 must be in [0, 1]"),
     ('{"corners": 1}', "--corners 1 spans no simplex"),
+    ('{"snapshots": 0}', "--snapshots 0 must be >= 1"),
+    ('{"restart_epochs": 0}', "--restart-epochs 0 must be > 0"),
     ('{"mixing": "layer"}', "--mixing 'layer' is not one of network, group, unit"),
     ('{"corners": 4, "simplices": 3}', "--simplices 3 leaves fewer than 2 of the 4 corners a simplex"),
     ('{"members": 3}', "the codes weight space has no setting 'members'"),

@@ -66,7 +66,7 @@ LIMITS: dict[str, Limit] = {
     "--holdout": SHARE, "--checkpoint-every": COUNT, "--components": COUNT, "--width": Limit(4, integer=True),
     "--depth": COUNT, "--time-dim": Limit(2, integer=True), "--dropout": SHARE,
     "--subspace-epochs": POSITIVE, "--corners": Limit(0, integer=True), "--simplices": Limit(0, integer=True),
-    "--alpha": POSITIVE,
+    "--alpha": POSITIVE, "--snapshots": COUNT, "--restart-epochs": POSITIVE,
     "--code-dim": COUNT, "--hidden": COUNT, "--diversity": NON_NEGATIVE, "--ensemble": Limit(0, 1),
     "--distill": Limit(0, 1),
     # wgen sample

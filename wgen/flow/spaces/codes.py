@@ -81,6 +81,9 @@ class CodeOptions(SubspaceOptions):
     # diverse samples than one mix a network on both val splits, docs/benchmarks.md)
     decoders: str = "shared"  # one of DECODERS: "simplex" gives each simplex a decoder of its own (simplices times the
     # decoder's values), so no two simplices share a learnt weight
+    snapshots: int = 1  # codes and decoder kept at the end of the training and of snapshots - 1 warm restarts after it
+    # (each a set of simplices of its own: snapshots times the stored values)
+    restart_epochs: float = 15.0  # epochs of each warm restart
 
     @property
     def stacked_decoders(self) -> int:
@@ -90,7 +93,8 @@ class CodeOptions(SubspaceOptions):
     def limited(self) -> dict[str, float]:
         """Return ``{option: value}`` of every setting with a range (an auto lr has none)."""
         limited = {**super().limited(), "--code-dim": self.code_dim, "--hidden": self.hidden,
-                   "--diversity": self.diversity, "--ensemble": self.ensemble, "--distill": self.distill}
+                   "--diversity": self.diversity, "--ensemble": self.ensemble, "--distill": self.distill,
+                   "--snapshots": self.snapshots, "--restart-epochs": self.restart_epochs}
         return {k: v for k, v in limited.items() if (k, v) != ("--lr", 0.0)}
 
     def check(self) -> None:
@@ -167,10 +171,23 @@ def random_bases(plans: list[Plan], scales: dict[str, float], seed: int, simplic
 
 
 class Decoder:
-    """Functional decoder: codes ``{group: [B, units, d]}`` and free tensors -> the generated tensors."""
+    """Functional decoder: codes ``{group: [B, units, d]}`` and free tensors -> the generated tensors.
 
-    def __init__(self, plans: list[Plan], scales: dict[str, float], bases: dict[str, torch.Tensor]) -> None:
-        self.plans, self.scales, self.bases = plans, scales, bases
+    A generator of ``snapshots`` warm restarts holds ``snapshots`` times ``S`` simplices (``S``: the bases' first
+    axis): simplex ``t`` is simplex ``t % S`` of snapshot ``t // S``, on base ``t % S``, decoded by the snapshot's
+    decoder (or by its own where there is one a simplex)."""
+
+    def __init__(self, plans: list[Plan], scales: dict[str, float], bases: dict[str, torch.Tensor],
+                 snapshots: int = 1) -> None:
+        self.plans, self.scales, self.bases, self.snapshots = plans, scales, bases, snapshots
+
+    def rows(self, simplex: torch.Tensor, decoders: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return each row's base index and decoder index (of ``decoders`` stacked decoders) for simplices
+        ``simplex`` ``[B]``."""
+        if self.snapshots == 1:
+            return simplex, simplex
+        bases = next(iter(self.bases.values())).shape[0]
+        return simplex % bases, simplex // (bases * self.snapshots // decoders)
 
     @staticmethod
     def init(plans: list[Plan], code_dim: int, hidden: int, means: dict[str, float], generator: torch.Generator,
@@ -196,16 +213,19 @@ class Decoder:
                 simplex: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return ``{key: [B, *shape]}``: every planned tensor of a batch of ``B`` code sets, those of matrices and
         kernels on the random base of each one's ``simplex`` (``[B]`` indices), each decoded by its simplex's decoder
-        where there is one a simplex."""
+        where there is one a simplex (or a snapshot)."""
         out = {}
+        first = next((params[f"{p.slot.key}/b0"] for p in self.plans if not p.free), None)
+        stacked = first is not None and first.dim() == 2  # [decoders, hidden]: a decoder a simplex or a snapshot
+        base_row, decoder_row = self.rows(simplex, first.shape[0] if stacked else 1)
         for plan in self.plans:
             key, shape = plan.slot.key, plan.slot.shape
             if plan.free:
                 out[key] = free[key].reshape(-1, *shape)
                 continue
             cells = len(plan.groups)
-            own = params[f"{key}/b0"].dim() == 2  # [simplices, hidden]: a decoder a simplex
-            layer = (lambda name: params[f"{key}/{name}"][simplex]) if own else (lambda name: params[f"{key}/{name}"])
+            own = stacked
+            layer = (lambda name: params[f"{key}/{name}"][decoder_row]) if own else (lambda name: params[f"{key}/{name}"])
 
             def bias(name: str) -> torch.Tensor:  # a row's own bias broadcasts over its cells
                 value = layer(name)
@@ -223,7 +243,7 @@ class Decoder:
             order = [0] + [1 + (plan.unit_axes + plan.rest_axes).index(a) for a in range(len(shape))]
             out[key] = values.permute(order)
             if key in self.bases:
-                out[key] = out[key] + self.bases[key][simplex]
+                out[key] = out[key] + self.bases[key][base_row]
         return out
 
 
@@ -245,14 +265,15 @@ class CodeSpace(DrawnSpace):
                  training: dict[str, Any]) -> None:
         super().__init__(layout)
         self.groups, self.decoder, self.params, self.training = groups, decoder, params, training
-        self.simplices = int(training["simplices"])
+        self.snapshots = int(training.get("snapshots", 1))  # generators from before the option have one
+        self.simplices = int(training["simplices"]) * self.snapshots  # every snapshot's simplices are simplices
         self.mixing = training.get("mixing", "network")  # generators from before the option mixed whole networks
         self.parts = parts_of(self.mixing, group_sizes(groups, layout))
 
     @property
     def corners(self) -> int:
-        """Return the number of corners (code sets)."""
-        return int(self.training["corners"])
+        """Return the number of corners (code sets), of every snapshot."""
+        return int(self.training["corners"]) * self.snapshots
 
     @property
     def per_simplex(self) -> int:
@@ -281,11 +302,12 @@ class CodeSpace(DrawnSpace):
         sizes = group_sizes(groups, layout)
         initial = _initial(decoder, sizes, count, means, free, options, context.seed)
         targets = distilled_targets(states, options.distill, context) if options.distill else None
-        params, losses, seconds = _train(states[0], initial, decoder, len(groups), parts_of(options.mixing, sizes), count,
-                                         options, context, targets)
+        params, losses, seconds, snapshots = _train(states[0], initial, decoder, len(groups),
+                                                    parts_of(options.mixing, sizes), count, options, context, targets)
         training = {**asdict(options), "corners": count, "base_seed": context.seed, "steps": len(losses),
                     "final_loss": round(recent_loss(losses), 5), "seconds": round(seconds, 2)}
-        return cls(layout, groups, decoder, {k: v.detach() for k, v in params.items()}, training)
+        decoder.snapshots = options.snapshots
+        return cls(layout, groups, decoder, stacked_snapshots(snapshots + [params], options.stacked_decoders), training)
 
     @classmethod
     def load(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> CodeSpace:
@@ -293,7 +315,8 @@ class CodeSpace(DrawnSpace):
         params = {k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")}
         layout, training, scales = load_layout(config, tensors), dict(config["training"]), dict(config["scales"])
         plans = plans_of(layout, groups)
-        decoder = Decoder(plans, scales, random_bases(plans, scales, int(training["base_seed"]), int(training["simplices"])))
+        decoder = Decoder(plans, scales, random_bases(plans, scales, int(training["base_seed"]), int(training["simplices"])),
+                          int(training.get("snapshots", 1)))
         return cls(layout, groups, decoder, params, training)
 
     def saved(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -333,7 +356,9 @@ class CodeSpace(DrawnSpace):
     def describe(self) -> str:
         t = self.training
         decoders = "a decoder a simplex" if t.get("decoders") == "simplex" else "a shared decoder"
-        return (f"codes of {t['corners']} corners ({self.simplices} simplices), mixed {self.mixing} by {self.mixing}, "
+        snapshots = f" in each of {self.snapshots} snapshots" if self.snapshots > 1 else ""
+        return (f"codes of {t['corners']} corners ({t['simplices']} simplices){snapshots}, "
+                f"mixed {self.mixing} by {self.mixing}, "
                 f"decoded to {self.layout.dim:,} weights by {decoders}; {self.size:,} values stored; "
                 f"trained {t['steps']} steps")
 
@@ -389,7 +414,24 @@ def stored_values(plans: list[Plan], groups: list[GroupAxes], layout: Layout, op
     free = sum(p.slot.size for p in plans if p.free)
     decoder = sum(len(p.groups) * options.code_dim * options.hidden + options.hidden + (options.hidden + 1) * p.outputs
                   for p in plans if not p.free)
-    return corners * (units * options.code_dim + free) + max(1, options.stacked_decoders) * decoder
+    return options.snapshots * (corners * (units * options.code_dim + free) + max(1, options.stacked_decoders) * decoder)
+
+
+def stacked_snapshots(snapshots: list[dict[str, torch.Tensor]], stacked_decoders: int) -> dict[str, torch.Tensor]:
+    """Return one parameter set holding every snapshot: the codes and free tensors of all their corners, snapshot by
+    snapshot, and their decoders stacked (``[snapshots, ...]``, or ``[snapshots * simplices, ...]`` with a decoder a
+    simplex); a single snapshot as it is."""
+    if len(snapshots) == 1:
+        return {k: v.detach() for k, v in snapshots[0].items()}
+    device = next(iter(snapshots[-1].values())).device
+    out = {}
+    for name in snapshots[0]:
+        values = [snapshot[name].detach().to(device) for snapshot in snapshots]
+        if name.startswith(("codes/", "free/")):
+            out[name] = torch.cat(values)
+        else:
+            out[name] = torch.cat(values) if stacked_decoders else torch.stack(values)
+    return out
 
 
 def distilled_targets(states: list[StateDict], share: float, context: FitContext) -> torch.Tensor:
@@ -406,18 +448,19 @@ def distilled_targets(states: list[StateDict], share: float, context: FitContext
 
 def _train(first: StateDict, initial: dict[str, torch.Tensor], decoder: Decoder, groups: int, parts: int, corners: int,
            options: CodeOptions, context: FitContext, targets: torch.Tensor | None
-           ) -> tuple[dict[str, torch.Tensor], list[float], float]:
-    """Return the trained codes, free tensors and decoder (from ``initial``), the loss of every step and the seconds
-    spent (``first``: a member, whose buffers the network runs with; ``parts``: how many mix on their own;
-    ``targets``: what each train example's cross-entropy fits, if not its label)."""
+           ) -> tuple[dict[str, torch.Tensor], list[float], float, list[dict[str, torch.Tensor]]]:
+    """Return the trained codes, free tensors and decoder (from ``initial``), the loss of every step, the seconds
+    spent and the earlier snapshots' parameters (``first``: a member, whose buffers the network runs with;
+    ``parts``: how many mix on their own; ``targets``: what each train example's cross-entropy fits, if not its
+    label)."""
     params = {k: v.to(context.device).requires_grad_(True) for k, v in initial.items()}
     model, buffers = mixing_network(first, context)
-    losses, seconds = train_mixtures(
+    losses, seconds, snapshots = train_mixtures(
         params, lambda mix, x, y, target: _mixed_loss(model, decoder, params, groups, buffers, mix, x, y, target,
                                                       options.diversity, options.ensemble),
         corners, options, context, "codes", "param.", draws=2 if options.diversity > 0 or options.ensemble > 0 else 1,
-        parts=parts, targets=targets)
-    return params, losses, seconds
+        parts=parts, targets=targets, restarts=options.snapshots - 1, restart_epochs=options.restart_epochs)
+    return params, losses, seconds, snapshots
 
 
 def _mixed_loss(model: torch.nn.Module, decoder: Decoder, params: dict[str, torch.Tensor], groups: int,

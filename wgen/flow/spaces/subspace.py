@@ -22,6 +22,7 @@ no corner, so samples of a BatchNorm network are calibrated on the train split (
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import time
@@ -210,8 +211,8 @@ def _train_corners(states: list[StateDict], options: SubspaceOptions, context: F
     model, buffers = mixing_network(states[0], context)
     params = {k: torch.stack([s[k] for s in states]).to(context.device).float().requires_grad_(True)
               for k, _ in model.named_parameters()}
-    losses, seconds = train_mixtures(params, lambda mix, x, _, y: _mixed_loss(model, params, buffers, mix[0], x, y),
-                                     len(states), options, context, "subspace", "corners.")
+    losses, seconds, _ = train_mixtures(params, lambda mix, x, _, y: _mixed_loss(model, params, buffers, mix[0], x, y),
+                                        len(states), options, context, "subspace", "corners.")
     return params, losses, seconds
 
 
@@ -226,13 +227,17 @@ def mixing_network(first: StateDict, context: FitContext) -> tuple[torch.nn.Modu
 
 def train_mixtures(params: dict[str, torch.Tensor], mixed_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor,
                    torch.Tensor], torch.Tensor], corners: int, options: SubspaceOptions, context: FitContext, stage: str,
-                   prefix: str, draws: int = 1, parts: int = 0, targets: torch.Tensor | None = None
-                   ) -> tuple[list[float], float]:
+                   prefix: str, draws: int = 1, parts: int = 0, targets: torch.Tensor | None = None,
+                   restarts: int = 0, restart_epochs: float = 0.0
+                   ) -> tuple[list[float], float, list[dict[str, torch.Tensor]]]:
     """Train ``params`` (AdamW, warmup and cosine) on ``mixed_loss(mix, x, y, target)`` of the train split's batches,
     ``mix`` ``[draws, simplices, corners // simplices]`` fresh Dirichlet(1) proportions every step (with ``parts`` > 0,
     ``[draws, simplices, 1 + parts, corners // simplices]``: the network's, then each part's), ``target`` what the
     cross-entropy fits: the labels ``y``, or the rows of ``targets`` ``[train examples, classes]`` (distributions, in
-    the train split's order) if given. Return the loss of every step and the seconds spent. Resumes from (and every
+    the train split's order) if given. After ``options.epochs`` come ``restarts`` warm restarts of ``restart_epochs``
+    each: the optimizer's state is dropped and the lr warms up and decays again, from where the params are (a snapshot
+    ensemble's cycles, Huang et al., ICLR 2017). Return the loss of every step, the seconds spent and the params as they
+    were at the end of every cycle but the last (CPU copies; the last is ``params``). Resumes from (and every
     ``CHECKPOINT_EVERY`` steps writes, tensors under ``prefix``) ``context.checkpoints``.
 
     Step ``s`` sees the batches of epoch ``s // per_epoch`` in the order seeded by that epoch, and mixes the
@@ -243,9 +248,11 @@ def train_mixtures(params: dict[str, torch.Tensor], mixed_loss: Callable[[torch.
     examples = len(data.indices["train"])
     smallest = 2 * simplices  # every simplex's part of a batch needs 2 examples for batch statistics
     per_epoch = examples // options.batch_size + (examples % options.batch_size >= smallest)
-    total = max(1, math.ceil(options.epochs * per_epoch))
+    cycles = [max(1, math.ceil(options.epochs * per_epoch))] + [max(1, math.ceil(restart_epochs * per_epoch))] * restarts
+    starts = list(itertools.accumulate(cycles, initial=0))  # the first step of every cycle, then the total
+    total = starts[-1]
     settings = {"simplices": simplices, "lr": options.lr}  # a resume under other ones is refused (_resume)
-    losses, earlier = _resume(context.checkpoints, params, optimizer, device, settings, prefix)
+    losses, earlier, snapshots = _resume(context.checkpoints, params, optimizer, device, settings, prefix)
     started = time.perf_counter()
     context.progress.stage(stage, total, len(losses))
     while len(losses) < total:
@@ -256,13 +263,17 @@ def train_mixtures(params: dict[str, torch.Tensor], mixed_loss: Callable[[torch.
             x, y = data.batch(data.indices["train"][rows])
             target = y if targets is None else targets[rows]
             step = len(losses)
+            if step in starts[1:-1] and len(snapshots) < starts.index(step):  # a warm restart
+                snapshots.append({k: v.detach().cpu().clone() for k, v in params.items()})
+                optimizer.state.clear()
+            cycle = bisect.bisect_right(starts, step) - 1
             seed = context.seed * STEP_SEEDS + step
             noise = torch.randn(draws * corners * (1 + parts), generator=torch.Generator().manual_seed(seed))
             shape = (draws, simplices, 1 + parts, -1) if parts else (draws, simplices, -1)
             mix = proportions(noise.view(shape), options.alpha).to(device)
             loss = mixed_loss(mix, x.to(device), y.to(device), target.to(device))
             for group in optimizer.param_groups:
-                group["lr"] = warmup_cosine(step, options.lr, options.warmup_steps, total)
+                group["lr"] = warmup_cosine(step - starts[cycle], options.lr, options.warmup_steps, cycles[cycle])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -273,12 +284,13 @@ def train_mixtures(params: dict[str, torch.Tensor], mixed_loss: Callable[[torch.
             context.progress.advance(1, f"loss {recent_loss(losses):.4f}")
             seconds = earlier + time.perf_counter() - started
             if context.checkpoints is not None and (len(losses) % CHECKPOINT_EVERY == 0 or len(losses) == context.stop_after):
-                _save(context.checkpoints, params, optimizer, losses, seconds, {**context.meta, **settings}, prefix)
+                _save(context.checkpoints, params, optimizer, losses, seconds, {**context.meta, **settings}, prefix,
+                      snapshots)
             if context.stop_after is not None and len(losses) >= context.stop_after:
                 raise FitStopped
             if len(losses) == total:
                 break
-    return losses, earlier + time.perf_counter() - started
+    return losses, earlier + time.perf_counter() - started, snapshots
 
 
 def _mixed_loss(model: torch.nn.Module, params: dict[str, torch.Tensor], buffers: StateDict, mix: torch.Tensor,
@@ -307,23 +319,26 @@ def recent_loss(losses: list[float]) -> float:
 
 
 def _save(folder: Path, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, losses: list[float],
-          seconds: float, meta: dict[str, Any], prefix: str) -> None:
+          seconds: float, meta: dict[str, Any], prefix: str, snapshots: list[dict[str, torch.Tensor]]) -> None:
     tensors, groups = optimizer_tensors(optimizer)
     tensors.update({f"{prefix}{k}": v.detach().cpu() for k, v in params.items()})
+    tensors.update({f"snapshot{j}.{k}": v for j, snapshot in enumerate(snapshots) for k, v in snapshot.items()})
     write_state(folder, tensors, {"step": len(losses), "losses": losses, "seconds": seconds, "param_groups": groups,
-                                  **meta})
+                                  "snapshots": len(snapshots), **meta})
 
 
 def _resume(folder: Path | None, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-            device: torch.device, settings: dict[str, Any], prefix: str) -> tuple[list[float], float]:
-    """Restore a checkpoint of ``folder`` into ``params`` and ``optimizer``; return its losses and seconds.
+            device: torch.device, settings: dict[str, Any], prefix: str
+            ) -> tuple[list[float], float, list[dict[str, torch.Tensor]]]:
+    """Restore a checkpoint of ``folder`` into ``params`` and ``optimizer``; return its losses, seconds and the
+    snapshots of the cycles it had finished.
 
     A checkpoint written under other ``settings`` (``simplices``, ``lr``: say, before a default changed, which the
     recorded options cannot show when the default is resolved in training, as the codes space's auto lr is) is
     refused. Checkpoints from before the record trained one simplex; their lr cannot be told."""
     saved = read_state(folder) if folder is not None else None
     if saved is None or "losses" not in saved[1]:
-        return [], 0.0
+        return [], 0.0, []
     tensors, info = saved
     recorded = {"simplices": info.get("simplices", 1), "lr": info.get("lr", settings["lr"])}
     for name, value in settings.items():
@@ -335,4 +350,5 @@ def _resume(folder: Path | None, params: dict[str, torch.Tensor], optimizer: tor
         for k, v in part(tensors, prefix).items():
             params[k].copy_(v.to(device))
     load_optimizer(optimizer, tensors, info["param_groups"], device)
-    return list(info["losses"]), float(info["seconds"])
+    snapshots = [part(tensors, f"snapshot{j}.") for j in range(info.get("snapshots", 0))]
+    return list(info["losses"]), float(info["seconds"]), snapshots
