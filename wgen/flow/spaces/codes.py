@@ -224,21 +224,20 @@ class Decoder:
                 out[key] = free[key].reshape(-1, *shape)
                 continue
             cells = len(plan.groups)
-            own = stacked
-            layer = (lambda name: params[f"{key}/{name}"][decoder_row]) if own else (lambda name: params[f"{key}/{name}"])
+            layer = (lambda name: params[f"{key}/{name}"][decoder_row]) if stacked else (lambda name: params[f"{key}/{name}"])
 
             def bias(name: str) -> torch.Tensor:  # a row's own bias broadcasts over its cells
                 value = layer(name)
-                return value.reshape(-1, *[1] * cells, value.shape[-1]) if own else value
+                return value.reshape(-1, *[1] * cells, value.shape[-1]) if stacked else value
 
             h = bias("b0")
             for n, g in enumerate(plan.groups):
-                part_ = _times(codes[g], layer(f"in{n}"), own)  # [B, units, hidden]
+                part_ = _times(codes[g], layer(f"in{n}"), stacked)  # [B, units, hidden]
                 view = [part_.shape[0]] + [1] * cells + [part_.shape[-1]]
                 view[1 + n] = part_.shape[1]
                 h = h + part_.reshape(view)
             h = F.gelu(h)
-            values = (_times(h, layer("out"), own) + bias("b2")) * self.scales[key]
+            values = (_times(h, layer("out"), stacked) + bias("b2")) * self.scales[key]
             values = values.reshape(*values.shape[:1 + cells], *(shape[a] for a in plan.rest_axes))
             order = [0] + [1 + (plan.unit_axes + plan.rest_axes).index(a) for a in range(len(shape))]
             out[key] = values.permute(order)
@@ -266,6 +265,7 @@ class CodeSpace(DrawnSpace):
         super().__init__(layout)
         self.groups, self.decoder, self.params, self.training = groups, decoder, params, training
         self.snapshots = int(training.get("snapshots", 1))  # generators from before the option have one
+        decoder.snapshots = self.snapshots  # (its training decoded one snapshot at a time)
         self.simplices = int(training["simplices"]) * self.snapshots  # every snapshot's simplices are simplices
         self.mixing = training.get("mixing", "network")  # generators from before the option mixed whole networks
         self.parts = parts_of(self.mixing, group_sizes(groups, layout))
@@ -306,7 +306,6 @@ class CodeSpace(DrawnSpace):
                                                     parts_of(options.mixing, sizes), count, options, context, targets)
         training = {**asdict(options), "corners": count, "base_seed": context.seed, "steps": len(losses),
                     "final_loss": round(recent_loss(losses), 5), "seconds": round(seconds, 2)}
-        decoder.snapshots = options.snapshots
         return cls(layout, groups, decoder, stacked_snapshots(snapshots + [params], options.stacked_decoders), training)
 
     @classmethod
@@ -315,8 +314,7 @@ class CodeSpace(DrawnSpace):
         params = {k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")}
         layout, training, scales = load_layout(config, tensors), dict(config["training"]), dict(config["scales"])
         plans = plans_of(layout, groups)
-        decoder = Decoder(plans, scales, random_bases(plans, scales, int(training["base_seed"]), int(training["simplices"])),
-                          int(training.get("snapshots", 1)))
+        decoder = Decoder(plans, scales, random_bases(plans, scales, int(training["base_seed"]), int(training["simplices"])))
         return cls(layout, groups, decoder, params, training)
 
     def saved(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -427,10 +425,8 @@ def stacked_snapshots(snapshots: list[dict[str, torch.Tensor]], stacked_decoders
     out = {}
     for name in snapshots[0]:
         values = [snapshot[name].detach().to(device) for snapshot in snapshots]
-        if name.startswith(("codes/", "free/")):
-            out[name] = torch.cat(values)
-        else:
-            out[name] = torch.cat(values) if stacked_decoders else torch.stack(values)
+        rows = name.startswith(("codes/", "free/")) or stacked_decoders  # corners, or decoders already stacked
+        out[name] = torch.cat(values) if rows else torch.stack(values)
     return out
 
 

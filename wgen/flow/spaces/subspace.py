@@ -263,7 +263,7 @@ def train_mixtures(params: dict[str, torch.Tensor], mixed_loss: Callable[[torch.
             x, y = data.batch(data.indices["train"][rows])
             target = y if targets is None else targets[rows]
             step = len(losses)
-            if step in starts[1:-1] and len(snapshots) < starts.index(step):  # a warm restart
+            if step in starts[1:-1]:  # a warm restart (a resumed run has only the snapshots of earlier ones)
                 snapshots.append({k: v.detach().cpu().clone() for k, v in params.items()})
                 optimizer.state.clear()
             cycle = bisect.bisect_right(starts, step) - 1
