@@ -206,7 +206,7 @@ def codes(chain: dict[str, Path], tmp_path_factory) -> dict[str, Path]:
                            '{"epochs": 25, "code_dim": 16, "corners": 4}', 4)
 
 
-def test_codes_samples_load_work_and_are_new(codes: dict[str, Path], run_cli) -> None:
+def test_codes_samples_load_work_and_are_new(codes: dict[str, Path], tmp_path: Path, run_cli) -> None:
     config = json.loads((codes["gen"] / "config.json").read_text())
     assert config["space"]["kind"] == "codes" and config["space"]["size"] < config["space"]["values"]
     assert config["space"]["training"]["lr"] == 1e-2  # auto, for a BatchNorm network
@@ -214,9 +214,14 @@ def test_codes_samples_load_work_and_are_new(codes: dict[str, Path], run_cli) ->
     assert manifest["calibrate"] == "digits" and manifest["rejected"] == 0
     model = timm.create_model(f"local-dir:{codes['samples'] / 'sample-000'}", pretrained=True)
     assert type(model).__name__ == "ResNet"
-    result = run_cli("eval", codes["samples"], "--zoo", codes["canon"], "--no-baselines", "--json")
+    result = run_cli("eval", codes["samples"], "--zoo", codes["canon"], "--no-baselines", "--out", tmp_path / "r.json")
     assert result.exit_code == 0, result.output
-    samples = json.loads(result.stdout)["sets"]["samples"]
+    report = json.loads((tmp_path / "r.json").read_text())
+    text = " ".join(result.stdout.split())
+    assert ("samples: BatchNorm statistics estimated on the train split of digits when sampled, so no 'samples + BN' "
+            "row (it would repeat the samples')") in text
+    samples = report["sets"]["samples"]
+    assert report["calibrated_on"] == "digits" and "samples + BN" not in report["sets"]  # it would repeat "samples"
     assert samples["accuracy"]["min"] > 0.8  # digits, test_resnet: members reach about 0.97
     assert samples["nn_ratio"]["min"] > 1.0  # on their own random base, nowhere near a member
 

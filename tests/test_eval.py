@@ -111,6 +111,7 @@ def test_eval_reports_every_metric_for_every_set(chain: dict[str, Path], tmp_pat
         if name != "zoo":
             assert "holdout_nearer" in s
     assert report["sets"]["zoo"]["nn_ratio"]["mean"] == pytest.approx(1.0)
+    assert report["calibrated_on"] is None  # these samples kept the statistics they were decoded with
     sets = report["sets"]
     assert sets["noise 0.01"]["nn_distance"]["mean"] < sets["noise 0.3"]["nn_distance"]["mean"]
     assert sets["held-out"]["holdout_nearer"] == 1.0  # a held-out member is nearest to itself

@@ -8,7 +8,8 @@ weight matching, its ratio to the zoo's own nearest-neighbour distance, the larg
 error overlap with a training member). The sets:
 
 - ``held-out``: the zoo members the generator never saw, the yardstick of a fresh training run;
-- ``samples`` as written, and ``samples + BN`` with BatchNorm statistics re-estimated on the train split;
+- ``samples`` as written, and ``samples + BN`` with BatchNorm statistics re-estimated on the train split
+  (not when ``wgen sample --calibrate`` already estimated them there: the row would repeat the samples');
 - baselines built from the training members with the samples' count, each as built and ``+ BN``:
   members plus noise at several scales, a per-value Gaussian fitted to the members, interpolations
   of member pairs, soups of k members, unit mosaics (every unit from a random member; ``baselines.py``);
@@ -36,7 +37,7 @@ import torch
 from .baseline_cache import BaselineCache, code_digest, indices_digest
 from .baselines import baseline_builders
 from .checkpoints import StateDict, Zoo, open_zoo, read_json, zoo_fingerprint
-from .data import SPLITS, SplitData, data_for_zoo
+from .data import SPLITS, SplitData, SplitSpec, data_for_zoo, parse_data_spec
 from .errors import WgenError
 from .limits import check, check_all
 from .flow.generator import GeneratorConfig, read_generator_config
@@ -96,6 +97,7 @@ class _Inputs:
     data: SplitData
     is_samples: bool
     zoo_fingerprint: str | None  # of ``zoo``, when it was read to check the generator's source
+    calibrated_on: str | None = None  # the dataset whose train split ``wgen sample`` estimated BatchNorm on, if ``data``'s
 
     @property
     def label(self) -> str:
@@ -168,7 +170,7 @@ def evaluate_models(target: Path, zoo_path: Path | None, options: EvalOptions, d
     train, holdout = _training_members(inputs.zoo, inputs.generator)
     groups = _groups(judge)
     judge.reference = reference(train, holdout, judge.logits(train), judge.labels, judge.keys, groups, options.rematch)
-    judge.measure(inputs.label, states, recalibrate=recalibrate and inputs.is_samples)
+    judge.measure(inputs.label, states, recalibrate=recalibrate and inputs.is_samples and inputs.calibrated_on is None)
     del states
     progress.advance()
     progress.stage("zoo", 2 if holdout else 1)
@@ -237,7 +239,18 @@ def _open_inputs(target: Path, zoo_path: Path | None, options: EvalOptions) -> _
     if data.num_classes != models.spec.num_classes:
         raise WgenError(f"dataset {data.spec} has {data.num_classes} classes, the models {models.spec.num_classes}",
                         "evaluate on the data the zoo was trained on")
-    return _Inputs(models, zoo, generator, data, is_samples, fingerprint)
+    calibrated = _calibrated_on(read_json(target / MANIFEST_JSON), generator, data) if is_samples else None
+    return _Inputs(models, zoo, generator, data, is_samples, fingerprint, calibrated)
+
+
+def _calibrated_on(manifest: dict[str, Any], generator: GeneratorConfig | None, data: SplitData) -> str | None:
+    """Return the ``--calibrate`` dataset the samples' BatchNorm statistics were estimated on at sample time when its
+    train split is ``data``'s (the generator's own data and split: re-estimating them would change nothing), else None."""
+    spec = manifest.get("calibrate")
+    if spec is None or generator is None or generator.data is None or generator.split is None:
+        return None
+    same = str(parse_data_spec(spec)) == str(parse_data_spec(generator.data)) == str(data.spec)
+    return spec if same and SplitSpec.from_json(generator.split) == data.split else None
 
 
 def _generator_config(target: Path) -> GeneratorConfig | None:
@@ -289,6 +302,7 @@ def _report(target: Path, zoo_path: Path | None, judge: _Judge) -> dict[str, Any
     }
     if inputs.is_samples:
         report["sampling"] = _sampling_summary(read_json(target / MANIFEST_JSON))
+        report["calibrated_on"] = inputs.calibrated_on
     if judge.reference is not None:
         report["yardstick"] = _yardstick(judge.sets, options)
         report["matched_noise"] = _matched_noise(judge.sets, inputs.label)
@@ -391,6 +405,9 @@ def eval_summary(report: dict[str, Any], out: Path | None, plot: Path | None) ->
         m = report["sampling"]
         after.append(f"samples: {m['asked']} asked, {m['rejected']} rejected"
                      + (f" ({reason_text(m['reasons'])})" if m["reasons"] else "") + ": the sets above hold the rest")
+    if report.get("calibrated_on"):
+        after.append(f"samples: BatchNorm statistics estimated on the train split of {report['calibrated_on']} when "
+                     f"sampled, so no '{report['set']}{BN}' row (it would repeat the samples')")
     after += [_gap_text(report["set"], gap) for gap in report.get("ensemble_gap", {}).values()]
     after += [f"{what}: {path}" for path, what in ((out, "report"), (plot, "figure")) if path is not None]
     return Summary(tables=tables, after=after)
