@@ -73,6 +73,32 @@ def test_subspace_samples_mix_the_trained_corners(subspace: dict[str, Path]) -> 
         generator.space.encode([])
 
 
+def test_sample_alpha_draws_the_mixes_nearer_the_centre_and_is_recorded(subspace: dict[str, Path], tmp_path: Path,
+                                                                        run_cli) -> None:
+    from wgen.flow.generator import load_generator
+
+    result = run_cli("sample", subspace["gen"], "-n", "2", "-o", tmp_path / "samples", "--alpha", "5")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "samples" / "manifest.json").read_text())
+    assert manifest["alpha"] == 5.0 and manifest["rejected"] == 0
+    assert json.loads((subspace["samples"] / "manifest.json").read_text())["alpha"] == 1.0  # the training's
+    generator = load_generator(subspace["gen"])
+    noise = torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
+    generator.space.sample_alpha = 5.0
+    assert torch.allclose(generator.space.vectors(noise), proportions(noise, 5.0) @ generator.space.corners, atol=1e-5)
+    resumed = run_cli("sample", subspace["gen"], "-n", "2", "-o", tmp_path / "samples")
+    assert resumed.exit_code == 2 and "holds samples drawn with other settings (alpha)" in resumed.stderr
+
+
+def test_sample_alpha_is_refused_for_a_flow_generator(chain: dict[str, Path], tmp_path: Path, run_cli) -> None:
+    result = run_cli("sample", chain["gen"], "-n", "2", "-o", tmp_path / "samples", "--alpha", "2")
+    assert result.exit_code == 2, result.output
+    assert "--alpha sets the mixes of drawn spaces (subspace, codes), not of a pca generator" in result.stderr
+    assert not (tmp_path / "samples").exists()
+    bad = run_cli("sample", chain["gen"], "-n", "2", "-o", tmp_path / "samples", "--alpha", "0")
+    assert bad.exit_code == 2 and "--alpha 0" in bad.stderr, bad.output
+
+
 def test_simplex_choice_is_uniform_over_the_simplices() -> None:
     which = simplex_of(torch.randn(90_000, generator=torch.Generator().manual_seed(0)), 3)
     assert torch.bincount(which, minlength=3).div(90_000).tolist() == pytest.approx([1 / 3] * 3, abs=5e-3)

@@ -353,6 +353,9 @@ def sample(
     min_radius: Annotated[float, typer.Option(help=ranged("--min-radius", "pca spaces: reject end points inside this "
                                                    "fraction of that sphere (blends of members; 0 keeps all, as does "
                                                    "--no-project)"))] = 0.8,
+    alpha: Annotated[Optional[float], typer.Option(help=ranged("--alpha", "subspace and codes spaces: draw the mixes "
+                                                  "from Dirichlet(ALPHA); over 1 nearer each simplex's centre: more "
+                                                  "accurate samples (default: the training's)"))] = None,
     opts: Shared = Shared(),
 ) -> None:
     """Sample N new checkpoints (timm local-dir folders + manifest.json); re-run to resume."""
@@ -362,7 +365,7 @@ def sample(
 
     with user_errors():
         torch_device = _start(opts)
-        options = SampleOptions(count, solver, steps, batch_size, seed, calibrate, project, min_radius)
+        options = SampleOptions(count, solver, steps, batch_size, seed, calibrate, project, min_radius, alpha)
         options.check()
         generator = load_generator(generator_path, torch_device)
         with RichProgress(quiet=opts.as_json) as progress:

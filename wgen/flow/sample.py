@@ -31,6 +31,7 @@ from .generator import Generator
 from .solve import SOLVERS, integrate
 from .spaces.base import EndPoints
 from .spaces.pca import BLEND
+from .spaces.subspace import DrawnSpace
 from .writer import PackedLayout
 
 MANIFEST_JSON = "manifest.json"
@@ -55,13 +56,14 @@ class SampleOptions:
     calibrate: str | None = None
     project: bool = True  # spaces that know the members' set (pca): end points back onto it ...
     min_radius: float = 0.8  # ... after rejecting those inside this fraction of it: blends, not members
+    alpha: float | None = None  # drawn spaces: the Dirichlet parameter of the samples' mixes (None: the training's)
 
     def check(self) -> None:
         """Raise a WgenError for an option out of range."""
         if self.solver not in SOLVERS:
             raise WgenError(f"unknown --solver {self.solver!r}", f"use one of {', '.join(SOLVERS)}")
         check_all({"--count": self.count, "--batch-size": self.batch_size, "--steps": self.steps, "--seed": self.seed,
-                   "--min-radius": self.min_radius})
+                   "--min-radius": self.min_radius, "--alpha": self.alpha})
 
     def run(self, generator: Generator) -> dict[str, Any]:
         """Return what decides the samples of a run (a run with the same values resumes this one)."""
@@ -76,6 +78,7 @@ def sample(generator: Generator, out: Path, options: SampleOptions, device: torc
     Re-running the same command resumes an unfinished run, and returns a finished one's manifest.
     """
     options.check()
+    _set_alpha(generator, options.alpha)
     options = _with_calibration(generator, options)
     calibration = _calibration_data(generator, options.calibrate) if options.calibrate else None
     run = options.run(generator)
@@ -115,6 +118,7 @@ def _manifest(generator: Generator, options: SampleOptions, projects: bool, devi
         "generator_fingerprint": generator.fingerprint, **generator.spec.to_json(), "count": options.count,
         "seed": options.seed, "sample_seed_rule": f"seed * {SAMPLE_SEED_STRIDE} + index", "solver": options.solver,
         "steps": options.steps, "drawn": generator.space.drawn, "projected": projects,
+        "alpha": generator.space.alpha if isinstance(generator.space, DrawnSpace) else None,
         "min_radius": options.min_radius if projects else None, "batch_size": options.batch_size,
         "calibrate": options.calibrate, "device": str(device), "rejected": sum(e["rejected"] is not None for e in entries),
         "seconds": round(seconds, 3), "samples": entries,
@@ -277,6 +281,17 @@ def _written_entries(out: Path) -> dict[int, dict[str, Any]]:
             if entry["rejected"] is not None or (out / entry["name"] / WEIGHTS_NAME).is_file():
                 entries[int(entry["index"])] = entry
     return entries
+
+
+def _set_alpha(generator: Generator, alpha: float | None) -> None:
+    """Draw the samples' mixes with Dirichlet(``alpha``) (None: as trained), or raise a WgenError for a space
+    that draws none."""
+    if alpha is None:
+        return
+    if not isinstance(generator.space, DrawnSpace):
+        raise WgenError(f"--alpha sets the mixes of drawn spaces (subspace, codes), not of a {generator.space.kind} generator",
+                        "leave --alpha out for this generator")
+    generator.space.sample_alpha = alpha
 
 
 def _with_calibration(generator: Generator, options: SampleOptions) -> SampleOptions:

@@ -117,11 +117,13 @@ class DrawnSpace(WeightSpace):
     simplices: int
     parts: int = 0  # parts of a network (groups, units) in proportions of their own: k more coordinates each
     training: dict[str, Any]
+    sample_alpha: float | None = None  # the Dirichlet parameter samples are drawn with, if not the training's
 
     @property
     def alpha(self) -> float:
-        """Return the Dirichlet parameter of its mixes (1 in generators from before the option)."""
-        return float(self.training.get("alpha", 1.0))
+        """Return the Dirichlet parameter of its mixes: ``sample_alpha`` when set, else the training's (1 in
+        generators from before the option)."""
+        return self.sample_alpha if self.sample_alpha is not None else float(self.training.get("alpha", 1.0))
 
     @property
     def per_simplex(self) -> int:
