@@ -90,6 +90,15 @@ def test_sample_alpha_draws_the_mixes_nearer_the_centre_and_is_recorded(subspace
     assert resumed.exit_code == 2 and "holds samples drawn with other settings (alpha)" in resumed.stderr
 
 
+def test_a_sample_run_without_alpha_drops_an_earlier_runs_override(subspace: dict[str, Path], tmp_path: Path) -> None:
+    from wgen.flow.generator import load_generator
+    from wgen.flow.sample import SampleOptions, sample
+
+    generator = load_generator(subspace["gen"])
+    assert sample(generator, tmp_path / "a", SampleOptions(count=1, alpha=5.0), torch.device("cpu"))["alpha"] == 5.0
+    assert sample(generator, tmp_path / "b", SampleOptions(count=1), torch.device("cpu"))["alpha"] == 1.0
+
+
 def test_sample_alpha_is_refused_for_a_flow_generator(chain: dict[str, Path], tmp_path: Path, run_cli) -> None:
     result = run_cli("sample", chain["gen"], "-n", "2", "-o", tmp_path / "samples", "--alpha", "2")
     assert result.exit_code == 2, result.output

@@ -354,8 +354,8 @@ def sample(
                                                    "fraction of that sphere (blends of members; 0 keeps all, as does "
                                                    "--no-project)"))] = 0.8,
     alpha: Annotated[Optional[float], typer.Option(help=ranged("--alpha", "subspace and codes spaces: draw the mixes "
-                                                  "from Dirichlet(ALPHA); over 1 nearer each simplex's centre: more "
-                                                  "accurate samples (default: the training's)"))] = None,
+                                                  "from Dirichlet(ALPHA); over 1 nearer each simplex's centre (default: "
+                                                  "the training's)"))] = None,
     opts: Shared = Shared(),
 ) -> None:
     """Sample N new checkpoints (timm local-dir folders + manifest.json); re-run to resume."""

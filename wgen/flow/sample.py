@@ -284,14 +284,13 @@ def _written_entries(out: Path) -> dict[int, dict[str, Any]]:
 
 
 def _set_alpha(generator: Generator, alpha: float | None) -> None:
-    """Draw the samples' mixes with Dirichlet(``alpha``) (None: as trained), or raise a WgenError for a space
-    that draws none."""
-    if alpha is None:
-        return
-    if not isinstance(generator.space, DrawnSpace):
+    """Draw the samples' mixes with Dirichlet(``alpha``) (None: as trained, also after an earlier run's override),
+    or raise a WgenError for a space that draws none."""
+    if isinstance(generator.space, DrawnSpace):
+        generator.space.sample_alpha = alpha
+    elif alpha is not None:
         raise WgenError(f"--alpha sets the mixes of drawn spaces (subspace, codes), not of a {generator.space.kind} generator",
                         "leave --alpha out for this generator")
-    generator.space.sample_alpha = alpha
 
 
 def _with_calibration(generator: Generator, options: SampleOptions) -> SampleOptions:
