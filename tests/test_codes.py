@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -14,7 +15,7 @@ from wgen.errors import WgenError
 from wgen.flow.spaces.base import FitContext, Layout
 from wgen.flow.spaces.codes import (CodeOptions, Decoder, distilled_targets, error_overlap, joint_cross_entropy,
                                     learning_rate, mixed, mixing_matrix, plans_of, random_bases, stored_values)
-from wgen.flow.spaces.subspace import simplex_of
+from wgen.flow.spaces.subspace import batch_targets, simplex_of
 from wgen.flow.spaces.units import group_sizes, unit_groups
 
 
@@ -263,12 +264,12 @@ def test_an_unknown_decoders_setting_is_refused() -> None:
         CodeOptions(decoders="each").check()
 
 
-@pytest.mark.parametrize("diversity, ensemble, mixing, distill, decoders, alpha", [
-    (0.0, 0.0, "network", 0.0, "shared", 1.0), (0.5, 0.0, "network", 0.0, "simplex", 1.0),
-    (0.0, 0.5, "group", 0.5, "shared", 0.3), (0.5, 0.0, "unit", 0.5, "shared", 1.0)])
+@pytest.mark.parametrize("diversity, ensemble, mixing, distill, teachers, decoders, alpha", [
+    (0.0, 0.0, "network", 0.0, "mean", "shared", 1.0), (0.5, 0.0, "network", 0.0, "mean", "simplex", 1.0),
+    (0.0, 0.5, "group", 0.5, "mean", "shared", 0.3), (0.5, 0.0, "unit", 0.5, "member", "shared", 1.0)])
 def test_a_killed_codes_training_resumes_to_the_same_generator(chain: dict[str, Path], tmp_path: Path, diversity: float,
                                                                ensemble: float, mixing: str, distill: float,
-                                                               decoders: str, alpha: float) -> None:
+                                                               teachers: str, decoders: str, alpha: float) -> None:
     import safetensors.torch
 
     from wgen.checkpoints import open_zoo
@@ -279,6 +280,7 @@ def test_a_killed_codes_training_resumes_to_the_same_generator(chain: dict[str, 
     config = TrainConfig(space="codes", space_args={"epochs": 0.5, "code_dim": 8, "corners": 4,
                                                             "diversity": diversity, "ensemble": ensemble,
                                                             "mixing": mixing, "distill": distill,
+                                                            "teachers": teachers,
                                                             "decoders": decoders, "alpha": alpha}, holdout=0.2)
     whole = train_generator(zoo, tmp_path / "whole", config, torch.device("cpu"))
     assert train_generator(zoo, tmp_path / "cut", config, torch.device("cpu"), stop_after=3) is None
@@ -349,6 +351,22 @@ def test_distilled_targets_mix_each_label_with_the_members_mean_prediction(chain
     half = distilled_targets(states, 0.5, context)
     torch.testing.assert_close(half, (onehot + mean) / 2, atol=1e-5, rtol=0)
     torch.testing.assert_close(half.sum(dim=1), torch.ones(len(labels)))
+    own = distilled_targets(states, 0.5, context, "member")  # each member's own prediction, in the members' order
+    assert own.shape == (3, len(labels), data.num_classes)
+    torch.testing.assert_close(own.mean(dim=0), half, atol=1e-5, rtol=0)
+    model.load_state_dict(states[1])
+    with torch.no_grad():
+        torch.testing.assert_close(own[1], (onehot + model(x).softmax(dim=-1)) / 2, atol=1e-5, rtol=0)
+
+
+def test_each_simplex_of_each_cycle_takes_its_own_teachers_targets() -> None:
+    targets = torch.arange(3 * 10 * 2, dtype=torch.float).view(3, 10, 2)  # 3 teachers, 10 examples, 2 classes
+    rows = np.array([7, 2, 5, 0, 9])
+    assert torch.equal(batch_targets(targets[0], rows, 2, 4), targets[0, rows])  # one target set: the rows
+    # the batch splits as x.tensor_split(2) does: rows 7, 2, 5 to simplex 0, rows 0, 9 to simplex 1
+    assert torch.equal(batch_targets(targets, rows, 2, 0), torch.cat([targets[0, [7, 2, 5]], targets[1, [0, 9]]]))
+    # cycle 1: teachers 2 and 0 (in turn, wrapping round the 3)
+    assert torch.equal(batch_targets(targets, rows, 2, 1), torch.cat([targets[2, [7, 2, 5]], targets[0, [0, 9]]]))
 
 
 def test_a_checkpoint_of_another_auto_lr_is_refused(chain: dict[str, Path], tmp_path: Path) -> None:
@@ -378,6 +396,8 @@ def test_a_checkpoint_of_another_auto_lr_is_refused(chain: dict[str, Path], tmp_
     ('{"snapshots": 0}', "--snapshots 0 must be >= 1"),
     ('{"restart_epochs": 0}', "--restart-epochs 0 must be > 0"),
     ('{"mixing": "layer"}', "--mixing 'layer' is not one of network, group, unit"),
+    ('{"distill": 0.25, "teachers": "all"}', "--teachers 'all' is not one of mean, member"),
+    ('{"teachers": "member"}', "--teachers member has nothing to teach with --distill 0"),
     ('{"corners": 4, "simplices": 3}', "--simplices 3 leaves fewer than 2 of the 4 corners a simplex"),
     ('{"members": 3}', "the codes weight space has no setting 'members'"),
 ])

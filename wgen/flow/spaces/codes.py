@@ -29,7 +29,8 @@ has a decoder of its own (the default, "shared", decodes every simplex with one)
 no learnt weight, only the members' scales and means. With ``distill`` > 0 each train example's
 target is its label (one-hot) times 1 - ``distill`` plus ``distill`` times the training members' mean prediction
 (``distilled_targets``, computed once before training): the members lend what they learned, not their weights,
-and every sample grows more accurate. A sample is the decoded mix at a random point; its noise *is* its point
+and every sample grows more accurate; with ``teachers`` "member" each simplex of each snapshot learns from one
+member's prediction instead (in turn), so that the simplices differ as the members do. A sample is the decoded mix at a random point; its noise *is* its point
 (``drawn``). BatchNorm statistics are not generated (decoded as mean 0, variance 1): samples are calibrated on the
 train split (``calibrates``). On the val splits its samples (a mix a group) are new networks, a little more
 accurate than fresh runs on test_resnet (on one build of its zoo; 1.3 points less on another, so one run decides
@@ -58,6 +59,7 @@ from .units import GroupAxes, group_sizes, unit_groups
 STATISTICS = ("running_mean", "running_var")  # BatchNorm buffers: re-estimated, not generated
 MIXINGS = ("network", "group", "unit")  # what mixes its simplex's corners in proportions of its own
 DECODERS = ("shared", "simplex")  # one decoder for every simplex, or one a simplex
+TEACHERS = ("mean", "member")  # whose prediction ``distill`` blends in: every member's mean, or one member a simplex
 TEACHERS_PER_PASS = 8  # members whose logits on the train split are held at once ([8, examples, classes])
 
 
@@ -77,6 +79,8 @@ class CodeOptions(SubspaceOptions):
     # (0.5 lifted test_vit's samples and ensemble on its val split, not test_resnet's, docs/benchmarks.md)
     distill: float = 0.0  # share of the training members' mean prediction in each train example's target (0.25 met
     # every bar on test_vit's val split and lost test_resnet's ensemble, docs/benchmarks.md)
+    teachers: str = "mean"  # one of TEACHERS: "member" distills each simplex of each snapshot from one training
+    # member's prediction (in turn) instead of every simplex from their mean, so simplices inherit the members' variety
     mixing: str = "group"  # one of MIXINGS: each group's codes mix in proportions of their own (more accurate, more
     # diverse samples than one mix a network on both val splits, docs/benchmarks.md)
     decoders: str = "shared"  # one of DECODERS: "simplex" gives each simplex a decoder of its own (simplices times the
@@ -108,6 +112,12 @@ class CodeOptions(SubspaceOptions):
         if self.decoders not in DECODERS:
             raise WgenError(f"--decoders {self.decoders!r} is not one of {', '.join(DECODERS)}",
                             "use \"shared\" (one decoder for every simplex) or \"simplex\" (one a simplex)")
+        if self.teachers not in TEACHERS:
+            raise WgenError(f"--teachers {self.teachers!r} is not one of {', '.join(TEACHERS)}",
+                            "use \"mean\" (the members' mean prediction) or \"member\" (one member's a simplex)")
+        if self.teachers != "mean" and not self.distill:
+            raise WgenError(f"--teachers {self.teachers} has nothing to teach with --distill 0",
+                            "add a distillation share, e.g. --space-args '{\"distill\": 0.25, \"teachers\": \"member\"}'")
 
 
 def learning_rate(model: torch.nn.Module) -> float:
@@ -301,7 +311,7 @@ class CodeSpace(DrawnSpace):
         decoder = Decoder(plans, scales, {k: v.to(context.device) for k, v in bases.items()})
         sizes = group_sizes(groups, layout)
         initial = _initial(decoder, sizes, count, means, free, options, context.seed)
-        targets = distilled_targets(states, options.distill, context) if options.distill else None
+        targets = distilled_targets(states, options.distill, context, options.teachers) if options.distill else None
         params, losses, seconds, snapshots = _train(states[0], initial, decoder, len(groups),
                                                     parts_of(options.mixing, sizes), count, options, context, targets)
         training = {**asdict(options), "corners": count, "base_seed": context.seed, "steps": len(losses),
@@ -430,16 +440,22 @@ def stacked_snapshots(snapshots: list[dict[str, torch.Tensor]], stacked_decoders
     return out
 
 
-def distilled_targets(states: list[StateDict], share: float, context: FitContext) -> torch.Tensor:
-    """Return ``[train examples, classes]``: each train example's label (one-hot) times ``1 - share`` plus ``share``
-    times the members' mean softmax (each in eval mode, with its own BatchNorm statistics)."""
+def distilled_targets(states: list[StateDict], share: float, context: FitContext, teachers: str = "mean"
+                      ) -> torch.Tensor:
+    """Return each train example's label (one-hot) times ``1 - share`` plus ``share`` times the members' softmax (each
+    in eval mode, with its own BatchNorm statistics): their mean, ``[train examples, classes]``, or with ``teachers``
+    "member" each member's own, ``[members, train examples, classes]``."""
     data, model = context.data, context.spec.create(context.device)
-    total = torch.zeros(len(data.indices["train"]), data.num_classes)
+    total, each = torch.zeros(len(data.indices["train"]), data.num_classes), []
     for start in range(0, len(states), TEACHERS_PER_PASS):
         logits = stacked_logits(model, states[start:start + TEACHERS_PER_PASS], data, "train", context.device)
-        total += logits.softmax(dim=-1).sum(dim=0)
+        if teachers == "mean":  # a running sum: never every member's [examples, classes] at once
+            total += logits.softmax(dim=-1).sum(dim=0).cpu()
+        else:
+            each.append(logits.softmax(dim=-1).cpu())
     labels = data.source.labels(data.indices["train"])
-    return (1 - share) * F.one_hot(labels, data.num_classes).float() + share * total / len(states)
+    onehot = F.one_hot(labels, data.num_classes).float()
+    return (1 - share) * onehot + share * (total / len(states) if teachers == "mean" else torch.cat(each))
 
 
 def _train(first: StateDict, initial: dict[str, torch.Tensor], decoder: Decoder, groups: int, parts: int, corners: int,

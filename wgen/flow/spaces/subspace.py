@@ -236,7 +236,8 @@ def train_mixtures(params: dict[str, torch.Tensor], mixed_loss: Callable[[torch.
     ``mix`` ``[draws, simplices, corners // simplices]`` fresh Dirichlet(1) proportions every step (with ``parts`` > 0,
     ``[draws, simplices, 1 + parts, corners // simplices]``: the network's, then each part's), ``target`` what the
     cross-entropy fits: the labels ``y``, or the rows of ``targets`` ``[train examples, classes]`` (distributions, in
-    the train split's order) if given. After ``options.epochs`` come ``restarts`` warm restarts of ``restart_epochs``
+    the train split's order) if given; of ``targets`` ``[teachers, train examples, classes]``, simplex ``s``'s part of
+    the batch in cycle ``c`` takes teacher ``(c * simplices + s) % teachers``'s rows. After ``options.epochs`` come ``restarts`` warm restarts of ``restart_epochs``
     each: the optimizer's state is dropped and the lr warms up and decays again, from where the params are (a snapshot
     ensemble's cycles, Huang et al., ICLR 2017). Return the loss of every step, the seconds spent and the params as they
     were at the end of every cycle but the last (CPU copies; the last is ``params``). Resumes from (and every
@@ -263,12 +264,12 @@ def train_mixtures(params: dict[str, torch.Tensor], mixed_loss: Callable[[torch.
         usable = (rows for rows in data.positions("train", options.batch_size, shuffle) if len(rows) >= smallest)
         for rows in itertools.islice(usable, offset, None):
             x, y = data.batch(data.indices["train"][rows])
-            target = y if targets is None else targets[rows]
             step = len(losses)
             if step in starts[1:-1]:  # a warm restart (a resumed run has only the snapshots of earlier ones)
                 snapshots.append({k: v.detach().cpu().clone() for k, v in params.items()})
                 optimizer.state.clear()
             cycle = bisect.bisect_right(starts, step) - 1
+            target = y if targets is None else batch_targets(targets, rows, simplices, cycle)
             seed = context.seed * STEP_SEEDS + step
             noise = torch.randn(draws * corners * (1 + parts), generator=torch.Generator().manual_seed(seed))
             shape = (draws, simplices, 1 + parts, -1) if parts else (draws, simplices, -1)
@@ -293,6 +294,16 @@ def train_mixtures(params: dict[str, torch.Tensor], mixed_loss: Callable[[torch.
             if len(losses) == total:
                 break
     return losses, earlier + time.perf_counter() - started, snapshots
+
+
+def batch_targets(targets: torch.Tensor, rows: torch.Tensor, simplices: int, cycle: int) -> torch.Tensor:
+    """Return the targets of the batch ``rows``: rows of ``targets`` ``[train examples, classes]``, or of
+    ``[teachers, train examples, classes]`` with simplex ``s``'s part of the batch (``tensor_split`` order) from
+    teacher ``(cycle * simplices + s) % teachers``."""
+    if targets.dim() == 2:
+        return targets[rows]
+    return torch.cat([targets[(cycle * simplices + s) % len(targets), part]
+                      for s, part in enumerate(torch.as_tensor(rows).tensor_split(simplices))])
 
 
 def _mixed_loss(model: torch.nn.Module, params: dict[str, torch.Tensor], buffers: StateDict, mix: torch.Tensor,
