@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import scipy.special
 import torch
 import torch.nn.functional as F
@@ -237,9 +238,10 @@ def train_mixtures(params: dict[str, torch.Tensor], mixed_loss: Callable[[torch.
     ``[draws, simplices, 1 + parts, corners // simplices]``: the network's, then each part's), ``target`` what the
     cross-entropy fits: the labels ``y``, or the rows of ``targets`` ``[train examples, classes]`` (distributions, in
     the train split's order) if given; of ``targets`` ``[teachers, train examples, classes]``, simplex ``s``'s part of
-    the batch in cycle ``c`` takes teacher ``(c * simplices + s) % teachers``'s rows. After ``options.epochs`` come ``restarts`` warm restarts of ``restart_epochs``
-    each: the optimizer's state is dropped and the lr warms up and decays again, from where the params are (a snapshot
-    ensemble's cycles, Huang et al., ICLR 2017). Return the loss of every step, the seconds spent and the params as they
+    the batch in cycle ``c`` takes teacher ``(c * simplices + s) % teachers``'s rows (``batch_targets``). After
+    ``options.epochs`` come ``restarts`` warm restarts of ``restart_epochs`` each: the optimizer's state is dropped and
+    the lr warms up and decays again, from where the params are (a snapshot ensemble's cycles, Huang et al., ICLR
+    2017). Return the loss of every step, the seconds spent and the params as they
     were at the end of every cycle but the last (CPU copies; the last is ``params``). Resumes from (and every
     ``CHECKPOINT_EVERY`` steps writes, tensors under ``prefix``) ``context.checkpoints``.
 
@@ -296,7 +298,7 @@ def train_mixtures(params: dict[str, torch.Tensor], mixed_loss: Callable[[torch.
     return losses, earlier + time.perf_counter() - started, snapshots
 
 
-def batch_targets(targets: torch.Tensor, rows: torch.Tensor, simplices: int, cycle: int) -> torch.Tensor:
+def batch_targets(targets: torch.Tensor, rows: np.ndarray, simplices: int, cycle: int) -> torch.Tensor:
     """Return the targets of the batch ``rows``: rows of ``targets`` ``[train examples, classes]``, or of
     ``[teachers, train examples, classes]`` with simplex ``s``'s part of the batch (``tensor_split`` order) from
     teacher ``(cycle * simplices + s) % teachers``."""
