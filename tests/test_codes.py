@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -77,11 +78,11 @@ def test_a_decoder_a_simplex_decodes_each_row_with_its_simplexs_own_decoder() ->
         which[:1])["layer1.0.conv1.weight"][0])  # another simplex's decoder decodes the same codes otherwise
 
 
-@pytest.mark.parametrize("decoders", ["shared", "simplex"])
-def test_a_snapshots_simplex_is_decoded_by_the_snapshots_decoder_on_the_simplexs_base(decoders: str) -> None:
+@pytest.mark.parametrize("decoders, cold", [("shared", False), ("simplex", False), ("shared", True)])
+def test_a_snapshots_simplex_is_decoded_by_the_snapshots_decoder_on_the_simplexs_base(decoders: str, cold: bool) -> None:
     layout, groups, plans = _resnet_plans()
     scales = {p.slot.key: 1.0 for p in plans}
-    bases = random_bases(plans, scales, 1, 2)
+    bases = random_bases(plans, scales, 1, 2, 2 if cold else 1)  # cold: a base a simplex of each snapshot
     generator = torch.Generator().manual_seed(0)
     copies = 2 * (2 if decoders == "simplex" else 1)  # 2 snapshots of 2 simplices
     stacked = Decoder.init(plans, 8, 16, {p.slot.key: 0.5 for p in plans}, generator, copies=copies)
@@ -90,11 +91,11 @@ def test_a_snapshots_simplex_is_decoded_by_the_snapshots_decoder_on_the_simplexs
     codes = [torch.randn(4, n, 8, generator=generator) for n in sizes]
     free = {p.slot.key: torch.randn(4, *p.slot.shape, generator=generator) for p in plans if p.free}
     which = torch.tensor([3, 0, 2, 1])  # snapshot 1 simplex 1, snapshot 0 simplex 0, ...
-    together = Decoder(plans, scales, bases, snapshots=2).tensors(stacked, codes, free, which)
+    together = Decoder(plans, scales, bases, snapshots=2, cold=cold).tensors(stacked, codes, free, which)
     for row, t in enumerate(which.tolist()):
         snapshot, simplex = divmod(t, 2)
         own = {k: v[t if decoders == "simplex" else snapshot] for k, v in stacked.items()}
-        base = {k: v[simplex:simplex + 1] for k, v in bases.items()}  # alone, as simplex 0 of its own
+        base = {k: v[t if cold else simplex][None] for k, v in bases.items()}  # alone, as simplex 0 of its own
         alone = Decoder(plans, scales, base).tensors(own, [c[row:row + 1] for c in codes],
                                                      {k: v[row:row + 1] for k, v in free.items()},
                                                      torch.zeros(1, dtype=torch.long))
@@ -111,6 +112,9 @@ def test_bases_are_drawn_on_the_cpu_from_the_seed_one_per_simplex() -> None:
     assert conv.shape == (2, 32, 32, 3, 3) and not torch.equal(conv[0], conv[1])
     assert float(conv.std()) == pytest.approx(2.0, rel=0.05)
     assert "layer1.0.bn1.weight" not in a and "fc.bias" not in a  # vectors are decoded, not based
+    cold = random_bases(plans, scales, 3, 2, snapshots=3)["layer1.0.conv1.weight"]
+    assert cold.shape == (6, 32, 32, 3, 3) and torch.equal(cold[:2], conv)  # snapshot 0's are those of one snapshot
+    assert not torch.equal(cold[2:4], conv) and not torch.equal(cold[2:4], cold[4:])  # later ones are their own
 
 
 def test_the_generator_grows_with_the_widths_not_with_the_parameters() -> None:
@@ -293,9 +297,9 @@ def test_a_killed_codes_training_resumes_to_the_same_generator(chain: dict[str, 
     assert load_generator(tmp_path / "cut").space.alpha == alpha  # samples draw their mixes as training did
 
 
-@pytest.mark.parametrize("decoders", ["shared", "simplex"])
-def test_snapshots_are_kept_at_each_warm_restart_and_a_run_killed_in_a_restart_resumes_to_them(
-        chain: dict[str, Path], tmp_path: Path, decoders: str) -> None:
+@pytest.mark.parametrize("decoders, restart", [("shared", "warm"), ("simplex", "warm"), ("shared", "cold")])
+def test_snapshots_are_kept_at_each_restart_and_a_run_killed_in_a_restart_resumes_to_them(
+        chain: dict[str, Path], tmp_path: Path, decoders: str, restart: str) -> None:
     import safetensors.torch
 
     from wgen.checkpoints import open_zoo
@@ -305,13 +309,18 @@ def test_snapshots_are_kept_at_each_warm_restart_and_a_run_killed_in_a_restart_r
     zoo = open_zoo(chain["canon"])
     args = {"epochs": 0.5, "code_dim": 8, "corners": 4, "decoders": decoders}
     one = TrainConfig(space="codes", space_args=args, holdout=0.2)
-    three = TrainConfig(space="codes", space_args={**args, "snapshots": 3, "restart_epochs": 0.25}, holdout=0.2)
+    three = TrainConfig(space="codes", space_args={**args, "snapshots": 3, "restart_epochs": 0.25, "restart": restart},
+                        holdout=0.2)
     train_generator(zoo, tmp_path / "one", one, torch.device("cpu"))
     train_generator(zoo, tmp_path / "whole", three, torch.device("cpu"))
     single, space = load_generator(tmp_path / "one").space, load_generator(tmp_path / "whole").space
     steps = single.training["steps"]
-    assert space.training["steps"] > steps and space.simplices == 6 and space.corners == 12  # 3 snapshots of 2 x 2
+    assert space.simplices == 6 and space.corners == 12  # 3 snapshots of 2 simplices of 2 corners
+    # a warm restart is restart_epochs long, a cold one an independent run of epochs
+    assert space.training["steps"] == (3 * steps if restart == "cold" else steps + 2 * math.ceil(steps / 2))
     assert space.size == 3 * single.size
+    bases = next(iter(space.decoder.bases.values()))
+    assert len(bases) == (6 if restart == "cold" else 2)  # cold snapshots are decoded on bases of their own
     for name, value in single.params.items():  # the first snapshot is the run without restarts, bit for bit
         first = value if name.startswith(("codes/", "free/")) else value.unsqueeze(0)
         rows = len(value) if name.startswith(("codes/", "free/")) or decoders == "simplex" else 1
@@ -396,6 +405,7 @@ def test_a_checkpoint_of_another_auto_lr_is_refused(chain: dict[str, Path], tmp_
     ('{"snapshots": 0}', "--snapshots 0 must be >= 1"),
     ('{"restart_epochs": 0}', "--restart-epochs 0 must be > 0"),
     ('{"mixing": "layer"}', "--mixing 'layer' is not one of network, group, unit"),
+    ('{"snapshots": 4, "restart": "hot"}', "--restart 'hot' is not one of warm, cold"),
     ('{"distill": 0.25, "teachers": "all"}', "--teachers 'all' is not one of mean, member"),
     ('{"teachers": "member"}', "--teachers member has nothing to teach with --distill 0"),
     ('{"corners": 4, "simplices": 3}', "--simplices 3 leaves fewer than 2 of the 4 corners a simplex"),

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,11 @@ STATISTICS = ("running_mean", "running_var")  # BatchNorm buffers: re-estimated,
 MIXINGS = ("network", "group", "unit")  # what mixes its simplex's corners in proportions of its own
 DECODERS = ("shared", "simplex")  # one decoder for every simplex, or one a simplex
 TEACHERS = ("mean", "member")  # whose prediction ``distill`` blends in: every member's mean, or one member a simplex
+RESTARTS = ("warm", "cold")  # a snapshot goes on from the one before, or starts afresh (base, codes and decoder)
+# A cold snapshot j draws its bases and first codes from seeds offset by j * SNAPSHOT_SEEDS. The CPU generator keeps a
+# seed's low 32 bits only, so the offset is small, yet above any tensor's index (a base's seed is seed * 100_003 +
+# index): no two tensors of one generator share a seed.
+SNAPSHOT_SEEDS = 65_537
 TEACHERS_PER_PASS = 8  # members whose logits on the train split are held at once ([8, examples, classes])
 
 
@@ -90,6 +95,8 @@ class CodeOptions(SubspaceOptions):
     snapshots: int = 1  # codes and decoder kept at the end of the training and of snapshots - 1 warm restarts after it
     # (each a set of simplices of its own: snapshots times the stored values)
     restart_epochs: float = 15.0  # epochs of each warm restart
+    restart: str = "warm"  # one of RESTARTS: "cold" trains every snapshot as an independent run of ``epochs`` from a
+    # base, codes and decoder of its own (``restart_epochs`` unused), so snapshots share nothing but the members' scales
 
     @property
     def stacked_decoders(self) -> int:
@@ -114,6 +121,9 @@ class CodeOptions(SubspaceOptions):
         if self.decoders not in DECODERS:
             raise WgenError(f"--decoders {self.decoders!r} is not one of {', '.join(DECODERS)}",
                             "use \"shared\" (one decoder for every simplex) or \"simplex\" (one a simplex)")
+        if self.restart not in RESTARTS:
+            raise WgenError(f"--restart {self.restart!r} is not one of {', '.join(RESTARTS)}",
+                            "use \"warm\" (a snapshot goes on from the one before) or \"cold\" (each starts afresh)")
         if self.teachers not in TEACHERS:
             raise WgenError(f"--teachers {self.teachers!r} is not one of {', '.join(TEACHERS)}",
                             "use \"mean\" (the members' mean prediction) or \"member\" (one member's a simplex)")
@@ -172,14 +182,19 @@ def has_base(plan: Plan) -> bool:
     return not plan.free and len(plan.slot.shape) >= 2
 
 
-def random_bases(plans: list[Plan], scales: dict[str, float], seed: int, simplices: int) -> dict[str, torch.Tensor]:
-    """Return each simplex's random base ``{key: [simplices, *shape]}`` of every weight matrix and kernel: standard
-    normal values times the tensor's scale, drawn on the CPU from ``seed`` (so the same on every device)."""
+def random_bases(plans: list[Plan], scales: dict[str, float], seed: int, simplices: int, snapshots: int = 1
+                 ) -> dict[str, torch.Tensor]:
+    """Return each simplex's random base ``{key: [snapshots * simplices, *shape]}`` of every weight matrix and kernel:
+    standard normal values times the tensor's scale, drawn on the CPU from ``seed`` (so the same on every device),
+    snapshot by snapshot (cold snapshots have bases of their own; snapshot 0's are those of one snapshot)."""
     bases = {}
     for index, plan in enumerate(plans):
         if has_base(plan):
-            generator = torch.Generator().manual_seed(seed * 100_003 + index)
-            bases[plan.slot.key] = torch.randn(simplices, *plan.slot.shape, generator=generator) * scales[plan.slot.key]
+            key = plan.slot.key
+            draws = [torch.randn(simplices, *plan.slot.shape,
+                                 generator=torch.Generator().manual_seed(seed * 100_003 + index + j * SNAPSHOT_SEEDS))
+                     for j in range(snapshots)]
+            bases[key] = (draws[0] if snapshots == 1 else torch.cat(draws)) * scales[key]
     return bases
 
 
@@ -188,11 +203,12 @@ class Decoder:
 
     A generator of ``snapshots`` warm restarts holds ``snapshots`` times ``S`` simplices (``S``: the bases' first
     axis): simplex ``t`` is simplex ``t % S`` of snapshot ``t // S``, on base ``t % S``, decoded by the snapshot's
-    decoder (or by its own where there is one a simplex)."""
+    decoder (or by its own where there is one a simplex). After ``cold`` restarts every simplex has a base of its own
+    (the bases' first axis holds them all): simplex ``t`` is on base ``t``."""
 
     def __init__(self, plans: list[Plan], scales: dict[str, float], bases: dict[str, torch.Tensor],
-                 snapshots: int = 1) -> None:
-        self.plans, self.scales, self.bases, self.snapshots = plans, scales, bases, snapshots
+                 snapshots: int = 1, cold: bool = False) -> None:
+        self.plans, self.scales, self.bases, self.snapshots, self.cold = plans, scales, bases, snapshots, cold
 
     def rows(self, simplex: torch.Tensor, decoders: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Return each row's base index and decoder index (of ``decoders`` stacked decoders) for simplices
@@ -200,7 +216,16 @@ class Decoder:
         if self.snapshots == 1:
             return simplex, simplex
         bases = next(iter(self.bases.values())).shape[0]
-        return simplex % bases, simplex // (bases * self.snapshots // decoders)
+        simplices = bases if self.cold else bases * self.snapshots  # of every snapshot
+        return simplex % bases, simplex // (simplices // decoders)
+
+    def of_snapshot(self, snapshot: int, simplices: int) -> Decoder:
+        """Return the decoder of one snapshot's ``simplices`` simplices alone: on their own bases after cold
+        restarts (views, not copies), on the shared ones after warm."""
+        if not self.cold:
+            return self
+        bases = {k: v[snapshot * simplices:(snapshot + 1) * simplices] for k, v in self.bases.items()}
+        return Decoder(self.plans, self.scales, bases)
 
     @staticmethod
     def init(plans: list[Plan], code_dim: int, hidden: int, means: dict[str, float], generator: torch.Generator,
@@ -279,6 +304,7 @@ class CodeSpace(DrawnSpace):
         self.groups, self.decoder, self.params, self.training = groups, decoder, params, training
         self.snapshots = int(training.get("snapshots", 1))  # generators from before the option have one
         decoder.snapshots = self.snapshots  # (its training decoded one snapshot at a time)
+        decoder.cold = training.get("restart") == "cold"  # generators from before the option restarted warm
         self.simplices = int(training["simplices"]) * self.snapshots  # every snapshot's simplices are simplices
         self.mixing = training.get("mixing", "network")  # generators from before the option mixed whole networks
         self.parts = parts_of(self.mixing, group_sizes(groups, layout))
@@ -310,10 +336,14 @@ class CodeSpace(DrawnSpace):
         groups = unit_groups(context, layout)
         plans = plans_of(layout, groups)
         scales, means, free = _member_statistics(states, plans)
-        bases = random_bases(plans, scales, context.seed, options.simplices)
-        decoder = Decoder(plans, scales, {k: v.to(context.device) for k, v in bases.items()})
+        cold = options.restart == "cold"
+        bases = random_bases(plans, scales, context.seed, options.simplices, options.snapshots if cold else 1)
+        decoder = Decoder(plans, scales, {k: v.to(context.device) for k, v in bases.items()}, cold=cold)
         sizes = group_sizes(groups, layout)
-        initial = _initial(decoder, sizes, count, means, free, options, context.seed)
+
+        def initial(snapshot: int) -> dict[str, torch.Tensor]:  # where a snapshot's training starts (cold: each)
+            return _initial(decoder, sizes, count, means, free, options, context.seed + snapshot * SNAPSHOT_SEEDS)
+
         targets = distilled_targets(states, options.distill, context, options.teachers) if options.distill else None
         params, losses, seconds, snapshots = _train(states[0], initial, decoder, len(groups),
                                                     parts_of(options.mixing, sizes), count, options, context, targets)
@@ -327,7 +357,10 @@ class CodeSpace(DrawnSpace):
         params = {k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")}
         layout, training, scales = load_layout(config, tensors), dict(config["training"]), dict(config["scales"])
         plans = plans_of(layout, groups)
-        decoder = Decoder(plans, scales, random_bases(plans, scales, int(training["base_seed"]), int(training["simplices"])))
+        cold = training.get("restart") == "cold"
+        bases = random_bases(plans, scales, int(training["base_seed"]), int(training["simplices"]),
+                             int(training.get("snapshots", 1)) if cold else 1)
+        decoder = Decoder(plans, scales, bases, cold=cold)
         return cls(layout, groups, decoder, params, training)
 
     def saved(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -367,7 +400,8 @@ class CodeSpace(DrawnSpace):
     def describe(self) -> str:
         t = self.training
         decoders = "a decoder a simplex" if t.get("decoders") == "simplex" else "a shared decoder"
-        snapshots = f" in each of {self.snapshots} snapshots" if self.snapshots > 1 else ""
+        restarts = " (cold restarts)" if self.decoder.cold else ""
+        snapshots = f" in each of {self.snapshots} snapshots{restarts}" if self.snapshots > 1 else ""
         return (f"codes of {t['corners']} corners ({t['simplices']} simplices){snapshots}, "
                 f"mixed {self.mixing} by {self.mixing}, "
                 f"decoded to {self.layout.dim:,} weights by {decoders}; {self.size:,} values stored; "
@@ -461,20 +495,24 @@ def distilled_targets(states: list[StateDict], share: float, context: FitContext
     return (1 - share) * onehot + share * (total / len(states) if teachers == "mean" else torch.cat(each))
 
 
-def _train(first: StateDict, initial: dict[str, torch.Tensor], decoder: Decoder, groups: int, parts: int, corners: int,
-           options: CodeOptions, context: FitContext, targets: torch.Tensor | None
+def _train(first: StateDict, initial: Callable[[int], dict[str, torch.Tensor]], decoder: Decoder, groups: int,
+           parts: int, corners: int, options: CodeOptions, context: FitContext, targets: torch.Tensor | None
            ) -> tuple[dict[str, torch.Tensor], list[float], float, list[dict[str, torch.Tensor]]]:
-    """Return the trained codes, free tensors and decoder (from ``initial``), the loss of every step, the seconds
-    spent and the earlier snapshots' parameters (``first``: a member, whose buffers the network runs with;
-    ``parts``: how many mix on their own; ``targets``: what each train example's cross-entropy fits, if not its
-    label)."""
-    params = {k: v.to(context.device).requires_grad_(True) for k, v in initial.items()}
+    """Return the trained codes, free tensors and decoder (from ``initial(0)``; after cold restarts snapshot ``j``
+    from ``initial(j)``), the loss of every step, the seconds spent and the earlier snapshots' parameters (``first``:
+    a member, whose buffers the network runs with; ``parts``: how many mix on their own; ``targets``: what each train
+    example's cross-entropy fits, if not its label)."""
+    params = {k: v.to(context.device).requires_grad_(True) for k, v in initial(0).items()}
     model, buffers = mixing_network(first, context)
+    cold = options.restart == "cold"
+    decoders = [decoder.of_snapshot(j, options.simplices) for j in range(options.snapshots)]
     losses, seconds, snapshots = train_mixtures(
-        params, lambda mix, x, y, target: _mixed_loss(model, decoder, params, groups, buffers, mix, x, y, target,
-                                                      options.diversity, options.ensemble),
+        params, lambda mix, x, y, target, cycle: _mixed_loss(model, decoders[cycle], params, groups, buffers, mix, x, y,
+                                                             target, options.diversity, options.ensemble),
         corners, options, context, "codes", "param.", draws=2 if options.diversity > 0 or options.ensemble > 0 else 1,
-        parts=parts, targets=targets, restarts=options.snapshots - 1, restart_epochs=options.restart_epochs)
+        parts=parts, targets=targets, restarts=options.snapshots - 1,
+        restart_epochs=options.epochs if cold else options.restart_epochs,
+        fresh=(lambda j: {k: v.to(context.device) for k, v in initial(j).items()}) if cold else None)
     return params, losses, seconds, snapshots
 
 

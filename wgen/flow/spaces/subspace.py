@@ -214,7 +214,7 @@ def _train_corners(states: list[StateDict], options: SubspaceOptions, context: F
     model, buffers = mixing_network(states[0], context)
     params = {k: torch.stack([s[k] for s in states]).to(context.device).float().requires_grad_(True)
               for k, _ in model.named_parameters()}
-    losses, seconds, _ = train_mixtures(params, lambda mix, x, _, y: _mixed_loss(model, params, buffers, mix[0], x, y),
+    losses, seconds, _ = train_mixtures(params, lambda mix, x, _, y, __: _mixed_loss(model, params, buffers, mix[0], x, y),
                                         len(states), options, context, "subspace", "corners.")
     return params, losses, seconds
 
@@ -229,11 +229,13 @@ def mixing_network(first: StateDict, context: FitContext) -> tuple[torch.nn.Modu
 
 
 def train_mixtures(params: dict[str, torch.Tensor], mixed_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor,
-                   torch.Tensor], torch.Tensor], corners: int, options: SubspaceOptions, context: FitContext, stage: str,
-                   prefix: str, draws: int = 1, parts: int = 0, targets: torch.Tensor | None = None,
-                   restarts: int = 0, restart_epochs: float = 0.0
+                   torch.Tensor, int], torch.Tensor], corners: int, options: SubspaceOptions, context: FitContext,
+                   stage: str, prefix: str, draws: int = 1, parts: int = 0, targets: torch.Tensor | None = None,
+                   restarts: int = 0, restart_epochs: float = 0.0,
+                   fresh: Callable[[int], dict[str, torch.Tensor]] | None = None
                    ) -> tuple[list[float], float, list[dict[str, torch.Tensor]]]:
-    """Train ``params`` (AdamW, warmup and cosine) on ``mixed_loss(mix, x, y, target)`` of the train split's batches,
+    """Train ``params`` (AdamW, warmup and cosine) on ``mixed_loss(mix, x, y, target, cycle)`` of the train split's
+    batches,
     ``mix`` ``[draws, simplices, corners // simplices]`` fresh Dirichlet(1) proportions every step (with ``parts`` > 0,
     ``[draws, simplices, 1 + parts, corners // simplices]``: the network's, then each part's), ``target`` what the
     cross-entropy fits: the labels ``y``, or the rows of ``targets`` ``[train examples, classes]`` (distributions, in
@@ -241,7 +243,8 @@ def train_mixtures(params: dict[str, torch.Tensor], mixed_loss: Callable[[torch.
     the batch in cycle ``c`` takes teacher ``(c * simplices + s) % teachers``'s rows (``batch_targets``). After
     ``options.epochs`` come ``restarts`` warm restarts of ``restart_epochs`` each: the optimizer's state is dropped and
     the lr warms up and decays again, from where the params are (a snapshot ensemble's cycles, Huang et al., ICLR
-    2017). Return the loss of every step, the seconds spent and the params as they
+    2017); with ``fresh``, restarts are cold: cycle ``c`` starts from the params ``fresh(c)`` instead, an independent
+    run. Return the loss of every step, the seconds spent and the params as they
     were at the end of every cycle but the last (CPU copies; the last is ``params``). Resumes from (and every
     ``CHECKPOINT_EVERY`` steps writes, tensors under ``prefix``) ``context.checkpoints``.
 
@@ -267,16 +270,20 @@ def train_mixtures(params: dict[str, torch.Tensor], mixed_loss: Callable[[torch.
         for rows in itertools.islice(usable, offset, None):
             x, y = data.batch(data.indices["train"][rows])
             step = len(losses)
-            if step in starts[1:-1]:  # a warm restart (a resumed run has only the snapshots of earlier ones)
+            cycle = bisect.bisect_right(starts, step) - 1
+            if step in starts[1:-1]:  # a restart (a resumed run has only the snapshots of earlier ones)
                 snapshots.append({k: v.detach().cpu().clone() for k, v in params.items()})
                 optimizer.state.clear()
-            cycle = bisect.bisect_right(starts, step) - 1
+                if fresh is not None:
+                    with torch.no_grad():
+                        for name, value in fresh(cycle).items():
+                            params[name].copy_(value)
             target = y if targets is None else batch_targets(targets, rows, simplices, cycle)
             seed = context.seed * STEP_SEEDS + step
             noise = torch.randn(draws * corners * (1 + parts), generator=torch.Generator().manual_seed(seed))
             shape = (draws, simplices, 1 + parts, -1) if parts else (draws, simplices, -1)
             mix = proportions(noise.view(shape), options.alpha).to(device)
-            loss = mixed_loss(mix, x.to(device), y.to(device), target.to(device))
+            loss = mixed_loss(mix, x.to(device), y.to(device), target.to(device), cycle)
             for group in optimizer.param_groups:
                 group["lr"] = warmup_cosine(step - starts[cycle], options.lr, options.warmup_steps, cycles[cycle])
             optimizer.zero_grad(set_to_none=True)
