@@ -79,7 +79,8 @@ def test_a_decoder_a_simplex_decodes_each_row_with_its_simplexs_own_decoder() ->
 
 
 @pytest.mark.parametrize("decoders, cold", [("shared", False), ("simplex", False), ("shared", True)])
-def test_a_snapshots_simplex_is_decoded_by_the_snapshots_decoder_on_the_simplexs_base(decoders: str, cold: bool) -> None:
+def test_a_snapshots_simplex_is_decoded_by_the_snapshots_decoder_on_the_simplexs_base(decoders: str,
+                                                                                     cold: bool) -> None:
     layout, groups, plans = _resnet_plans()
     scales = {p.slot.key: 1.0 for p in plans}
     bases = random_bases(plans, scales, 1, 2, 2 if cold else 1)  # cold: a base a simplex of each snapshot

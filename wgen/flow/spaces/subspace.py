@@ -214,8 +214,9 @@ def _train_corners(states: list[StateDict], options: SubspaceOptions, context: F
     model, buffers = mixing_network(states[0], context)
     params = {k: torch.stack([s[k] for s in states]).to(context.device).float().requires_grad_(True)
               for k, _ in model.named_parameters()}
-    losses, seconds, _ = train_mixtures(params, lambda mix, x, _, y, __: _mixed_loss(model, params, buffers, mix[0], x, y),
-                                        len(states), options, context, "subspace", "corners.")
+    losses, seconds, _ = train_mixtures(
+        params, lambda mix, x, _, y, __: _mixed_loss(model, params, buffers, mix[0], x, y), len(states), options,
+        context, "subspace", "corners.")
     return params, losses, seconds
 
 
@@ -235,7 +236,7 @@ def train_mixtures(params: dict[str, torch.Tensor], mixed_loss: Callable[[torch.
                    fresh: Callable[[int], dict[str, torch.Tensor]] | None = None
                    ) -> tuple[list[float], float, list[dict[str, torch.Tensor]]]:
     """Train ``params`` (AdamW, warmup and cosine) on ``mixed_loss(mix, x, y, target, cycle)`` of the train split's
-    batches,
+    batches (``cycle``: the restart cycle the step is in, 0 before the first restart),
     ``mix`` ``[draws, simplices, corners // simplices]`` fresh Dirichlet(1) proportions every step (with ``parts`` > 0,
     ``[draws, simplices, 1 + parts, corners // simplices]``: the network's, then each part's), ``target`` what the
     cross-entropy fits: the labels ``y``, or the rows of ``targets`` ``[train examples, classes]`` (distributions, in
