@@ -36,9 +36,10 @@ N sets of simplices: after warm restarts (the default) each goes on from the one
 after cold ones (``restart`` "cold") each is an independent run of ``epochs`` from a base, codes and decoder of its
 own, N times the training, so that the samples differ more (on test_resnet's val split four cold snapshots' samples
 disagree on 9.1% of the images, fresh runs on 7.05%, four warm ones' on 6.65%) and an ensemble of them gains more:
-there they met the protocol's every bar, the ensemble of 16 0.3-0.5 point past the noisy members' (docs/benchmarks.md). A sample is the decoded mix at a random point;
-its noise *is* its point (``drawn``). BatchNorm statistics are not generated (decoded as mean 0, variance 1): samples are calibrated on the
-train split (``calibrates``). On the val splits its samples (a mix a group) are new networks, a little more
+there they met the protocol's every bar, the ensemble of 16 0.3-0.5 point past the noisy members'
+(docs/benchmarks.md). A sample is the decoded mix at a random point; its noise *is* its point (``drawn``).
+BatchNorm statistics are not generated (decoded as mean 0, variance 1): samples are calibrated on the train split
+(``calibrates``). On the val splits its samples (a mix a group) are new networks, a little more
 accurate than fresh runs on test_resnet (on one build of its zoo; 1.3 points less on another, so one run decides
 little) and a quarter point less on test_vit, but an ensemble of them misses the protocol's bar on both;
 ``distill`` 0.25 meets it on test_vit's (not on its test split, within noise) and widens the miss on test_resnet's
@@ -97,8 +98,8 @@ class CodeOptions(SubspaceOptions):
     # diverse samples than one mix a network on both val splits, docs/benchmarks.md)
     decoders: str = "shared"  # one of DECODERS: "simplex" gives each simplex a decoder of its own (simplices times the
     # decoder's values), so no two simplices share a learnt weight
-    snapshots: int = 1  # codes and decoder kept at the end of the training and of snapshots - 1 warm restarts after it
-    # (each a set of simplices of its own: snapshots times the stored values)
+    snapshots: int = 1  # codes and decoder kept at the end of the training and of snapshots - 1 restarts after it
+    # (warm or cold, ``restart``; each a set of simplices of its own: snapshots times the stored values)
     restart_epochs: float = 15.0  # epochs of each warm restart
     restart: str = "warm"  # one of RESTARTS: "cold" trains every snapshot as an independent run of ``epochs`` from a
     # base, codes and decoder of its own (``restart_epochs`` unused), so snapshots share nothing but the members' scales
@@ -362,11 +363,10 @@ class CodeSpace(DrawnSpace):
         params = {k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")}
         layout, training, scales = load_layout(config, tensors), dict(config["training"]), dict(config["scales"])
         plans = plans_of(layout, groups)
-        cold = training.get("restart") == "cold"
+        own_bases = training.get("restart") == "cold"  # a set of bases a snapshot
         bases = random_bases(plans, scales, int(training["base_seed"]), int(training["simplices"]),
-                             int(training.get("snapshots", 1)) if cold else 1)
-        decoder = Decoder(plans, scales, bases, cold=cold)
-        return cls(layout, groups, decoder, params, training)
+                             int(training.get("snapshots", 1)) if own_bases else 1)
+        return cls(layout, groups, Decoder(plans, scales, bases), params, training)  # (__init__ sets its cold)
 
     def saved(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         config, tensors = saved_layout(self.kind, self.layout, None, {
