@@ -407,6 +407,7 @@ def test_a_checkpoint_of_another_auto_lr_is_refused(chain: dict[str, Path], tmp_
     ('{"restart_epochs": 0}', "--restart-epochs 0 must be > 0"),
     ('{"mixing": "layer"}', "--mixing 'layer' is not one of network, group, unit"),
     ('{"snapshots": 4, "restart": "hot"}', "--restart 'hot' is not one of warm, cold"),
+    ('{"snapshots": 2, "restart": "cold", "restart_epochs": 5}', "--restart-epochs 5 is unused with --restart cold"),
     ('{"distill": 0.25, "teachers": "all"}', "--teachers 'all' is not one of mean, member"),
     ('{"teachers": "member"}', "--teachers member has nothing to teach with --distill 0"),
     ('{"corners": 4, "simplices": 3}', "--simplices 3 leaves fewer than 2 of the 4 corners a simplex"),

@@ -102,7 +102,7 @@ class CodeOptions(SubspaceOptions):
     # (warm or cold, ``restart``; each a set of simplices of its own: snapshots times the stored values)
     restart_epochs: float = 15.0  # epochs of each warm restart
     restart: str = "warm"  # one of RESTARTS: "cold" trains every snapshot as an independent run of ``epochs`` from a
-    # base, codes and decoder of its own (``restart_epochs`` unused), so snapshots share nothing but the members' scales
+    # base, codes and decoder of its own (``restart_epochs`` refused), so snapshots share nothing but members' scales
 
     @property
     def stacked_decoders(self) -> int:
@@ -130,6 +130,9 @@ class CodeOptions(SubspaceOptions):
         if self.restart not in RESTARTS:
             raise WgenError(f"--restart {self.restart!r} is not one of {', '.join(RESTARTS)}",
                             "use \"warm\" (a snapshot goes on from the one before) or \"cold\" (each starts afresh)")
+        if self.restart == "cold" and self.restart_epochs != CodeOptions.restart_epochs:
+            raise WgenError(f"--restart-epochs {self.restart_epochs:g} is unused with --restart cold",
+                            "a cold snapshot trains for --epochs like the first; drop restart_epochs")
         if self.teachers not in TEACHERS:
             raise WgenError(f"--teachers {self.teachers!r} is not one of {', '.join(TEACHERS)}",
                             "use \"mean\" (the members' mean prediction) or \"member\" (one member's a simplex)")
