@@ -310,8 +310,8 @@ def test_snapshots_are_kept_at_each_restart_and_a_run_killed_in_a_restart_resume
     zoo = open_zoo(chain["canon"])
     args = {"epochs": 0.5, "code_dim": 8, "corners": 4, "decoders": decoders}
     one = TrainConfig(space="codes", space_args=args, holdout=0.2)
-    three = TrainConfig(space="codes", space_args={**args, "snapshots": 3, "restart_epochs": 0.25, "restart": restart},
-                        holdout=0.2)
+    restarts = {"restart": "cold"} if restart == "cold" else {"restart_epochs": 0.25}  # cold refuses restart_epochs
+    three = TrainConfig(space="codes", space_args={**args, "snapshots": 3, **restarts}, holdout=0.2)
     train_generator(zoo, tmp_path / "one", one, torch.device("cpu"))
     train_generator(zoo, tmp_path / "whole", three, torch.device("cpu"))
     single, space = load_generator(tmp_path / "one").space, load_generator(tmp_path / "whole").space
