@@ -209,7 +209,7 @@ def codes(chain: dict[str, Path], tmp_path_factory) -> dict[str, Path]:
     from conftest import drawn_generator
 
     return drawn_generator(chain["canon"], tmp_path_factory.mktemp("codes"), "codes",
-                           '{"epochs": 25, "code_dim": 16, "corners": 4}', 4)
+                           '{"epochs": 25, "code_dim": 16, "corners": 4, "snapshots": 1}', 4)
 
 
 def test_codes_samples_load_work_and_are_new(codes: dict[str, Path], tmp_path: Path, run_cli) -> None:
@@ -253,10 +253,11 @@ def test_the_stored_size_is_what_stored_values_counts(codes: dict[str, Path]) ->
     from wgen.flow.generator import load_generator
 
     space = load_generator(codes["gen"]).space
-    counted = stored_values(space.decoder.plans, space.groups, space.layout, CodeOptions(code_dim=16), corners=4)
+    counted = stored_values(space.decoder.plans, space.groups, space.layout, CodeOptions(code_dim=16, snapshots=1),
+                            corners=4)
     assert space.size == counted == json.loads((codes["gen"] / "config.json").read_text())["space"]["size"]
     own = stored_values(space.decoder.plans, space.groups, space.layout,
-                        CodeOptions(code_dim=16, decoders="simplex"), corners=4)
+                        CodeOptions(code_dim=16, decoders="simplex", snapshots=1), corners=4)
     decoder = sum(v.numel() for k, v in space.params.items() if not k.startswith(("codes/", "free/")))
     assert own == counted + decoder  # two simplices: the decoder twice
     snapshots = stored_values(space.decoder.plans, space.groups, space.layout, CodeOptions(code_dim=16, snapshots=3),
@@ -282,7 +283,7 @@ def test_a_killed_codes_training_resumes_to_the_same_generator(chain: dict[str, 
     from wgen.flow.train import TrainConfig, train_generator
 
     zoo = open_zoo(chain["canon"])
-    config = TrainConfig(space="codes", space_args={"epochs": 0.5, "code_dim": 8, "corners": 4,
+    config = TrainConfig(space="codes", space_args={"epochs": 0.5, "code_dim": 8, "corners": 4, "snapshots": 1,
                                                             "diversity": diversity, "ensemble": ensemble,
                                                             "mixing": mixing, "distill": distill,
                                                             "teachers": teachers,
@@ -308,9 +309,9 @@ def test_snapshots_are_kept_at_each_restart_and_a_run_killed_in_a_restart_resume
     from wgen.flow.train import TrainConfig, train_generator
 
     zoo = open_zoo(chain["canon"])
-    args = {"epochs": 0.5, "code_dim": 8, "corners": 4, "decoders": decoders}
+    args = {"epochs": 0.5, "code_dim": 8, "corners": 4, "decoders": decoders, "snapshots": 1}
     one = TrainConfig(space="codes", space_args=args, holdout=0.2)
-    restarts = {"restart": "cold"} if restart == "cold" else {"restart_epochs": 0.25}  # cold refuses restart_epochs
+    restarts = {"restart": "cold"} if restart == "cold" else {"restart": "warm", "restart_epochs": 0.25}
     three = TrainConfig(space="codes", space_args={**args, "snapshots": 3, **restarts}, holdout=0.2)
     train_generator(zoo, tmp_path / "one", one, torch.device("cpu"))
     train_generator(zoo, tmp_path / "whole", three, torch.device("cpu"))
@@ -384,7 +385,8 @@ def test_a_checkpoint_of_another_auto_lr_is_refused(chain: dict[str, Path], tmp_
     from wgen.flow.train import TrainConfig, train_generator
 
     zoo = open_zoo(chain["canon"])
-    config = TrainConfig(space="codes", space_args={"epochs": 0.5, "code_dim": 8, "corners": 4}, holdout=0.2)
+    config = TrainConfig(space="codes", space_args={"epochs": 0.5, "code_dim": 8, "corners": 4, "snapshots": 1},
+                         holdout=0.2)
     assert train_generator(zoo, tmp_path / "gen", config, torch.device("cpu"), stop_after=2) is None
     state = tmp_path / "gen" / "checkpoint" / "state.json"
     info = json.loads(state.read_text())

@@ -108,7 +108,7 @@ def test_auto_space_rule() -> None:
     states = [make_state(seed=i) for i in range(3)]
     assert Layout.from_state(states[0]).dim > FULL_SPACE_MAX_DIM
     assert fit_space("auto", {}, states, CPU).kind == "pca"  # no data: a flow
-    assert resolve_kind("auto", 10, has_data=True) == "subspace" and resolve_kind("auto", 10) == "full"
+    assert resolve_kind("auto", 10, has_data=True) == "codes" and resolve_kind("auto", 10) == "full"
 
 
 def test_velocity_net_starts_at_zero() -> None:

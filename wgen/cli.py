@@ -184,7 +184,7 @@ def _bare_flags(group: Any, ctx: Any) -> None:
 
 
 def _space_help() -> str:
-    return (f"weight space: {' | '.join(space_choices())} (auto: subspace when the zoo's data is known, else full "
+    return (f"weight space: {' | '.join(space_choices())} (auto: codes when the zoo's data is known, else full "
             f"up to {FULL_SPACE_MAX_DIM:,} values, else pca)")
 
 
@@ -296,7 +296,7 @@ def train(
     space: Annotated[str, typer.Option(help=_space_help())] = "auto",
     components: Annotated[Optional[int], typer.Option(help=ranged("--components", "pca space: components (default: training members - 1)"))] = None,
     space_args: Annotated[Optional[str], typer.Option(metavar="JSON", help="the space's settings, e.g. subspace: '{\"epochs\": 20, \"lr\": 3e-4}'")] = None,
-    data: Annotated[Optional[str], typer.Option("--data", "-d", metavar="SPEC", help="data of spaces that train on it (subspace; default: the zoo's recorded dataset)")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", "-d", metavar="SPEC", help="data of spaces that train on it (subspace, codes; default: the zoo's recorded dataset)")] = None,
     net: Annotated[str, typer.Option(help=_net_help())] = "mlp",
     width: Annotated[Optional[int], typer.Option(help=ranged("--width", "velocity net width (mlp default 512)"))] = None,
     depth: Annotated[Optional[int], typer.Option(help=ranged("--depth", "velocity net blocks (mlp default 3)"))] = None,

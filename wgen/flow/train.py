@@ -61,7 +61,7 @@ class TrainConfig:
     holdout: float = 0.1
     seed: int = 0
     checkpoint_every: int = 500
-    data: str | None = None  # spaces that train on data (subspace): the dataset, if not the zoo's recorded one
+    data: str | None = None  # spaces that train on data (subspace, codes): the dataset, if not the zoo's recorded one
 
     def to_json(self) -> dict[str, Any]:
         """Return the config as JSON."""

@@ -2,8 +2,9 @@
 
 One file a space; built-in ones are listed here (imported on first use), plug-ins call
 ``SPACES.register(name)`` on their ``WeightSpace`` subclass. ``auto`` is not a space but a rule:
-``subspace`` when the zoo's training data is at hand (its samples are new networks, the others' are
-near-copies: docs/benchmarks.md); without data ``full`` up to :data:`FULL_SPACE_MAX_DIM` values,
+``codes`` when the zoo's training data is at hand (its samples are new networks and its size grows with
+the layers' widths; the subspace's samples are new and more accurate but it stores every corner whole; the
+flows' are near-copies: docs/benchmarks.md); without data ``full`` up to :data:`FULL_SPACE_MAX_DIM` values,
 ``pca`` above, because a velocity net on a full vector of a few hundred thousand values would be
 larger than the zoo itself.
 """
@@ -38,10 +39,10 @@ def space_choices() -> list[str]:
 
 def resolve_kind(kind: str, values: int, has_data: bool = False) -> str:
     """Return the space ``kind`` stands for on members of ``values`` modelled values (``auto`` resolved:
-    ``subspace`` when the zoo's training data is at hand, else ``full`` or ``pca`` by size)."""
+    ``codes`` when the zoo's training data is at hand, else ``full`` or ``pca`` by size)."""
     if kind == AUTO:
         if has_data:
-            return "subspace"
+            return "codes"
         return "full" if values <= FULL_SPACE_MAX_DIM else "pca"
     SPACES.get(kind)  # an unknown kind fails here, before any work
     return kind
