@@ -102,7 +102,7 @@ class CodeOptions(SubspaceOptions):
     # (warm or cold, ``restart``; each a set of simplices of its own: snapshots times the stored values)
     restart_epochs: float = 15.0  # epochs of each warm restart
     restart: str = "warm"  # one of RESTARTS: "cold" trains every snapshot as an independent run of ``epochs`` from a
-    # base, codes and decoder of its own (``restart_epochs`` refused), so snapshots share nothing but members' scales
+    # base, codes and decoder of its own (a non-default ``restart_epochs`` refused), so they share only members' scales
 
     @property
     def stacked_decoders(self) -> int:
