@@ -103,7 +103,7 @@ class CodeOptions(SubspaceOptions):
     # times the training; 4 cold met every bar on both zoos, docs/benchmarks.md)
     restart_epochs: float = 15.0  # epochs of each warm restart
     restart: str = "cold"  # one of RESTARTS: "cold" trains every snapshot as an independent run of ``epochs`` from a
-    # base, codes and decoder of its own (``restart_epochs`` refused), so snapshots share nothing but members' scales
+    # base, codes and decoder of its own (a non-default ``restart_epochs`` refused), so they share only members' scales
 
     @property
     def stacked_decoders(self) -> int:
