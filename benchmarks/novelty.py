@@ -4,8 +4,8 @@
     python benchmarks/novelty.py --arch test_vit --out runs/novelty-vit
     python benchmarks/novelty.py --arch test_resnet --out runs/novelty-resnet --gen-name pca -- --space pca
     python benchmarks/novelty.py --arch test_resnet --out runs/units -- --space units --net graph
-    python benchmarks/novelty.py --arch test_resnet --out runs/novelty-resnet --gen-name codes90 --split val -- --space codes
-    python benchmarks/novelty.py --arch test_vit --out runs/novelty-vit --gen-name s2 --split val -- --space-args '{"simplices": 2}'
+    python benchmarks/novelty.py --arch test_resnet --out runs/novelty-resnet --gen-name c1 --split val -- --space-args '{"snapshots": 1}'
+    python benchmarks/novelty.py --arch test_vit --out runs/novelty-vit --gen-name s2 --split val -- --space subspace --space-args '{"simplices": 2}'
 
 A zoo of ``--members`` on ``digits-hard`` (where models make mistakes: 3,590 test images), trained as
 one shard per core; canonicalized; a generator trained on all but ``--held-out`` members (extra
