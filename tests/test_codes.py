@@ -19,6 +19,8 @@ from wgen.flow.spaces.codes import (CodeOptions, Decoder, distilled_targets, err
 from wgen.flow.spaces.subspace import batch_targets, simplex_of
 from wgen.flow.spaces.units import group_sizes, unit_groups
 
+QUICK_CODES = {"epochs": 0.5, "code_dim": 8, "corners": 4, "snapshots": 1}  # a codes training of seconds
+
 
 def _resnet_plans() -> tuple[Layout, list[list[tuple[str, int]]], list]:
     spec = ModelSpec("test_resnet", 10, {})
@@ -283,11 +285,9 @@ def test_a_killed_codes_training_resumes_to_the_same_generator(chain: dict[str, 
     from wgen.flow.train import TrainConfig, train_generator
 
     zoo = open_zoo(chain["canon"])
-    config = TrainConfig(space="codes", space_args={"epochs": 0.5, "code_dim": 8, "corners": 4, "snapshots": 1,
-                                                            "diversity": diversity, "ensemble": ensemble,
-                                                            "mixing": mixing, "distill": distill,
-                                                            "teachers": teachers,
-                                                            "decoders": decoders, "alpha": alpha}, holdout=0.2)
+    config = TrainConfig(space="codes", space_args={**QUICK_CODES, "diversity": diversity, "ensemble": ensemble,
+                                                    "mixing": mixing, "distill": distill, "teachers": teachers,
+                                                    "decoders": decoders, "alpha": alpha}, holdout=0.2)
     whole = train_generator(zoo, tmp_path / "whole", config, torch.device("cpu"))
     assert train_generator(zoo, tmp_path / "cut", config, torch.device("cpu"), stop_after=3) is None
     resumed = train_generator(zoo, tmp_path / "cut", config, torch.device("cpu"))
@@ -309,7 +309,7 @@ def test_snapshots_are_kept_at_each_restart_and_a_run_killed_in_a_restart_resume
     from wgen.flow.train import TrainConfig, train_generator
 
     zoo = open_zoo(chain["canon"])
-    args = {"epochs": 0.5, "code_dim": 8, "corners": 4, "decoders": decoders, "snapshots": 1}
+    args = {**QUICK_CODES, "decoders": decoders}
     one = TrainConfig(space="codes", space_args=args, holdout=0.2)
     restarts = {"restart": "cold"} if restart == "cold" else {"restart": "warm", "restart_epochs": 0.25}
     three = TrainConfig(space="codes", space_args={**args, "snapshots": 3, **restarts}, holdout=0.2)
@@ -385,8 +385,7 @@ def test_a_checkpoint_of_another_auto_lr_is_refused(chain: dict[str, Path], tmp_
     from wgen.flow.train import TrainConfig, train_generator
 
     zoo = open_zoo(chain["canon"])
-    config = TrainConfig(space="codes", space_args={"epochs": 0.5, "code_dim": 8, "corners": 4, "snapshots": 1},
-                         holdout=0.2)
+    config = TrainConfig(space="codes", space_args=QUICK_CODES, holdout=0.2)
     assert train_generator(zoo, tmp_path / "gen", config, torch.device("cpu"), stop_after=2) is None
     state = tmp_path / "gen" / "checkpoint" / "state.json"
     info = json.loads(state.read_text())
